@@ -1,0 +1,20 @@
+"""Shared command line of the launch scripts: --config, key.sub=value overrides, --resume, --overwrite, --help."""
+from __future__ import annotations
+
+import argparse
+
+from . import config as config_mod
+
+
+def parse_args(schema, doc: str, argv=None):
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any with key.sub=value):\n" + "\n".join(config_mod.describe(schema)))
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    return args, config_mod.load(schema, args.config, args.overrides)

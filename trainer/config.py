@@ -1,0 +1,246 @@
+"""Typed run configuration: YAML + `key.sub=value` overrides, validated against dataclasses.
+
+Every error names the offending key, so a typo never silently falls back to a default."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class CorpusSource:
+    """One raw-text corpus. `path`: file, glob, list of them, a HF hub dataset name, or `builtin:grammar`."""
+    path: Union[str, list] = ""
+    text_field: str = "text"  # for jsonl/csv/tsv/parquet/hub
+    format: str = "auto"  # auto | txt | jsonl | csv | tsv | parquet | hub
+    doc_separator: str = "line"  # txt only: `line` (one doc per line) or `blank` (blank-line separated)
+    weight: float = 1.0  # samples drawn per epoch = weight × corpus size
+    hub_split: str = "train"
+    hub_config: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # local dir or hub name; None → random init from `config`
+    config: Optional[dict] = None  # architecture kwargs (e.g. model_type: bert, hidden_size: 64) for random init
+    tokenizer: Optional[str] = None  # path/hub name; default name_or_path; `builtin` → trained on the corpus
+    tokenizer_vocab_size: int = 2000  # for the builtin tokenizer
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+
+@dataclass
+class PretrainDataConfig:
+    corpora: list = field(default_factory=list)  # list[CorpusSource]
+    seq_len: int = 128
+    cache_dir: Optional[str] = None  # default: $BERT_RECIPE_CACHE or ~/.cache/bert-recipe/corpus
+    num_proc: int = 1  # tokenizer worker processes during preparation
+    mlm_probability: float = 0.15
+    whole_word_mask: bool = False
+    nsp: bool = False
+    max_predictions: Optional[int] = None  # cap on masked positions per sequence (paper: 20)
+    num_workers: int = 1  # DataLoader workers per rank
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps; -1 → run `epochs`
+    epochs: float = 1.0
+    micro_batch_size: int = 8  # per rank, per forward pass
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    save_every: int = 500  # 0 → only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # wins over warmup_ratio when > 0
+    num_cycles: float = 1.0  # cosine (half-waves) / cosine_with_restarts (restarts)
+    power: float = 1.0  # polynomial
+    min_lr_ratio: float = 0.0  # polynomial: final lr as a fraction of each group's lr
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "bert-recipe"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed_config: Optional[str] = None  # DS JSON; default: the one named by the accelerate config
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# list fields whose items are themselves typed sections
+_LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource}
+
+CHOICES = {
+    "model.precision": ("fp32", "bf16", "fp16"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
+                        "polynomial"),
+    "wandb.mode": ("online", "offline", "disabled"),
+    "data.corpora.format": ("auto", "txt", "jsonl", "csv", "tsv", "parquet", "hub"),
+    "data.corpora.doc_separator": ("line", "blank"),
+}
+
+
+# ----------------------------------------------------------------------------- building
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def build(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types by full key name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, tp, value = prefix + f.name, hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = build(tp, value, key + ".")
+            continue
+        if isinstance(tp, type) and tp is float and isinstance(value, str):
+            try:  # YAML reads `5e-5` (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        item_cls = _LIST_ITEM_TYPES.get((cls, f.name))
+        if item_cls is not None:
+            value = [build(item_cls, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    _check_choices(obj, prefix)
+    return obj
+
+
+def _check_choices(obj, prefix: str) -> None:
+    generic = prefix.split("[")[0].rstrip(".")
+    for f in dataclasses.fields(obj):
+        allowed = CHOICES.get(f"{generic}.{f.name}".lstrip("."))
+        value = getattr(obj, f.name)
+        if allowed and value not in allowed:
+            raise UserError(f"config key '{prefix}{f.name}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; value parsed as YAML (so `1e-4`, `true`, `[a, b]` work)."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"override '{key}': '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load(cls, path: Optional[str], overrides: list[str]):
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(data, item)
+    return build(cls, data)
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per key with its default: the body of `--help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        item_cls = _LIST_ITEM_TYPES.get((cls, f.name))
+        lines.append(f"  {prefix}{f.name} = {default!r}  ({_type_name(tp)})")
+        if item_cls is not None:
+            lines += [f"  {ln.strip()}" for ln in describe(item_cls, f"{prefix}{f.name}[i].")]
+        choices = CHOICES.get(prefix + f.name)
+        if choices:
+            lines[-1] += f"  one of: {', '.join(choices)}"
+    return lines

@@ -1,0 +1,168 @@
+"""Read raw documents from txt / jsonl / csv / tsv / parquet (optionally .gz), globs, the HF hub, or the builtin corpus.
+
+Streams documents one at a time: a corpus never has to fit in memory."""
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from ..config import CorpusSource
+from ..errors import UserError
+from .builtin import BUILTIN_PREFIX, builtin_documents
+
+_EXTS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+         ".parquet": "parquet"}
+
+
+def source_paths(src: CorpusSource) -> list[str]:
+    """Expand globs; a name that is no file and matches nothing is taken as a hub dataset when format allows."""
+    patterns = src.path if isinstance(src.path, list) else [src.path]
+    if not patterns or any(not isinstance(p, str) or not p for p in patterns):
+        raise UserError("corpus source needs a non-empty 'path'")
+    out: list[str] = []
+    for pat in patterns:
+        if pat.startswith(BUILTIN_PREFIX) or src.format == "hub":
+            out.append(pat)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        if not matches:
+            if src.format == "auto" and _looks_like_hub_name(pat):
+                out.append(pat)
+                continue
+            raise UserError(f"corpus file not found: {pat}")
+        out += [m for m in matches if os.path.isfile(m)]
+    return out
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return not any(name.endswith(ext) or name.endswith(ext + ".gz") for ext in _EXTS) and "*" not in name \
+        and not name.startswith((".", "/", "~"))
+
+
+def file_format(path: str, declared: str) -> str:
+    if path.startswith(BUILTIN_PREFIX):
+        return "builtin"
+    if declared != "auto":
+        return declared
+    if not os.path.exists(path):
+        return "hub"
+    stem = path[:-3] if path.endswith(".gz") else path
+    fmt = _EXTS.get(Path(stem).suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the format of {path}; set format: txt|jsonl|csv|tsv|parquet")
+    return fmt
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def iter_documents(src: CorpusSource) -> Iterator[str]:
+    """All documents of one source, in a fixed order. Empty texts are skipped."""
+    for path in source_paths(src):
+        fmt = file_format(path, src.format)
+        try:
+            yield from (d for d in _READERS[fmt](path, src) if d and not d.isspace())
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def _read_txt(path: str, src: CorpusSource):
+    with _open_text(path) as f:
+        if src.doc_separator == "line":
+            for line in f:
+                yield line.strip()
+            return
+        para: list[str] = []
+        for line in f:
+            if line.strip():
+                para.append(line.strip())
+            elif para:
+                yield " ".join(para)
+                para = []
+        if para:
+            yield " ".join(para)
+
+
+def _field(record: dict, src: CorpusSource, path: str, row: int) -> str:
+    if src.text_field not in record:
+        raise UserError(f"{path} row {row}: no text field '{src.text_field}' (fields: {', '.join(map(str, record))})")
+    value = record[src.text_field]
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _read_jsonl(path: str, src: CorpusSource):
+    with _open_text(path) as f:
+        for row, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} row {row}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} row {row}: expected a JSON object")
+            yield _field(record, src, path, row)
+
+
+def _read_delimited(path: str, src: CorpusSource, delimiter: str):
+    csv.field_size_limit(1 << 30)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None:
+            return
+        if src.text_field not in reader.fieldnames:
+            raise UserError(f"{path}: no text column '{src.text_field}' (columns: {', '.join(reader.fieldnames)})")
+        for record in reader:
+            yield record[src.text_field] or ""
+
+
+def _read_parquet(path: str, src: CorpusSource):
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    if src.text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no text column '{src.text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
+        yield from (t or "" for t in batch.column(0).to_pylist())
+
+
+def _read_hub(name: str, src: CorpusSource):
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, src.hub_config, split=src.hub_split, streaming=True)
+    except Exception as exc:  # offline, unknown name, gated …: all user-facing
+        raise UserError(f"cannot load hub dataset '{name}' (split {src.hub_split}): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    for row, record in enumerate(ds, 1):
+        yield _field(record, src, name, row)
+
+
+def _read_builtin(path: str, src: CorpusSource):
+    return builtin_documents(path[len(BUILTIN_PREFIX):])
+
+
+_READERS = {
+    "txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet, "hub": _read_hub, "builtin": _read_builtin,
+    "csv": lambda p, s: _read_delimited(p, s, ","), "tsv": lambda p, s: _read_delimited(p, s, "\t"),
+}
+
+
+def fingerprint(src: CorpusSource) -> list:
+    """What identifies a source's content for the cache key: path, size and mtime of each file."""
+    out = []
+    for path in source_paths(src):
+        if os.path.isfile(path):
+            st = os.stat(path)
+            out.append([os.path.abspath(path), st.st_size, int(st.st_mtime)])
+        else:
+            out.append([path, src.hub_config, src.hub_split])
+    return out + [src.text_field, src.format, src.doc_separator]

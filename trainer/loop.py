@@ -1,0 +1,124 @@
+"""The one training loop every stage runs: step · accumulate · clip · schedule · log · checkpoint.
+
+A stage decides *what* goes in (a `Job`); the loop decides *how* it is trained. Randomness that affects
+training (dropout) is reseeded from (seed, step, rank) at every optimizer step, and data order/masks are
+functions of the global sample position, so a resumed run repeats an uninterrupted one exactly."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from . import checkpoint
+from .checkpoint import TrainerState
+from .config import OptimConfig, TrainConfig, WandbConfig
+from .distributed import Topology
+from .errors import UserError
+from .optim.schedules import GroupSchedule
+from .tracking import Tracker
+
+
+@dataclass
+class Job:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Callable[[int], Iterator[dict]]  # start sample → this rank's micro-batches, forever
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    samples_per_epoch: int
+    export: Callable[[object, torch.nn.Module], None]  # (accelerator, model) → final HF export
+    tokens: Callable[[dict], torch.Tensor] = lambda b: b["attention_mask"].sum()
+    flops_per_token: Optional[float] = None
+
+
+@dataclass
+class LoopConfig:
+    output_dir: Path
+    seed: int
+    train: TrainConfig
+    optim: OptimConfig
+    wandb: WandbConfig
+    run_config: dict
+
+
+def total_steps(train: TrainConfig, samples_per_epoch: int, samples_per_step: int) -> int:
+    if train.max_steps > 0:
+        return train.max_steps
+    if train.epochs <= 0:
+        raise UserError("train.max_steps=-1 needs train.epochs > 0")
+    return max(1, math.ceil(train.epochs * samples_per_epoch / samples_per_step))
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1))
+
+
+def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Optional[Path]) -> TrainerState:
+    train = cfg.train
+    samples_per_step = train.micro_batch_size * train.grad_accum * topo.world_size
+    steps = total_steps(train, job.samples_per_epoch, samples_per_step)
+
+    model, optimizer = accelerator.prepare(job.model, job.optimizer)
+    state = TrainerState(world_size=topo.world_size)
+    if resume_from is not None:
+        state = checkpoint.load(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples})")
+    state.world_size = topo.world_size
+    # the groups DeepSpeed really steps: setting lr on them is what reaches the optimizer shards
+    schedule = GroupSchedule(job.optimizer, cfg.optim, steps)
+    lrs = schedule.set_step(state.step)
+
+    tracker = Tracker(cfg.output_dir, accelerator.is_main_process, cfg.wandb, cfg.run_config, steps, state.step,
+                      state.wandb_id, job.flops_per_token, topo.world_size)
+    state.wandb_id = tracker.wandb_id
+    batches = job.batches(state.samples)
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    tokens_sum = torch.zeros((), device=device)
+    window_steps, t_window = 0, time.perf_counter()
+    last: dict = {}
+    try:
+        while state.step < steps:
+            _reseed(cfg.seed, state.step, topo.rank)
+            for _ in range(train.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                with accelerator.accumulate(model):
+                    loss = job.loss(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and train.max_grad_norm > 0 and not topo.deepspeed:
+                        accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float()
+                tokens_sum += job.tokens(batch)
+            state.step += 1
+            state.samples += samples_per_step
+            window_steps += 1
+            lrs = schedule.set_step(state.step)
+            tracker.advance()
+            if state.step % train.log_every == 0 or state.step == steps:
+                stats = accelerator.reduce(torch.stack([loss_sum, tokens_sum]), reduction="sum")
+                elapsed = time.perf_counter() - t_window
+                loss_value = stats[0].item() / (window_steps * train.grad_accum * topo.world_size)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {state.step}")
+                last = {"step": state.step, "loss": loss_value, "lr": lrs, "world_size": topo.world_size,
+                        "zero_stage": topo.zero_stage, "tokens_per_second": stats[1].item() / elapsed,
+                        "samples_seen": state.samples, "epoch": state.samples / job.samples_per_epoch}
+                tracker.log(last)
+                loss_sum.zero_()
+                tokens_sum.zero_()
+                window_steps, t_window = 0, time.perf_counter()
+            if train.save_every > 0 and state.step % train.save_every == 0 and state.step < steps:
+                checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
+        ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
+        accelerator.print(f"checkpoint: {ckpt}")
+        job.export(accelerator, model)
+        tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
+    finally:
+        tracker.close()
+    return state

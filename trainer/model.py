@@ -1,0 +1,78 @@
+"""Tokenizer and BERT-family model loading: a hub name or local dir via Auto classes, or a config for random init."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+def load_tokenizer(cfg: ModelConfig, builtin_corpus: Optional[str] = None, cache_dir: Optional[Path] = None):
+    """`model.tokenizer: builtin` trains a WordPiece tokenizer on the builtin corpus (cached)."""
+    from transformers import AutoTokenizer
+    name = cfg.tokenizer or cfg.name_or_path
+    if name == "builtin":
+        from .corpus.builtin import builtin_tokenizer_dir
+        name = str(builtin_tokenizer_dir(Path(cache_dir), builtin_corpus or "grammar", cfg.tokenizer_vocab_size))
+    if not name:
+        raise UserError("set model.name_or_path or model.tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load tokenizer '{name}': {str(exc).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer '{name}' has no fast (Rust) version; corpus preparation needs one")
+    return tok
+
+
+def _auto_config(cfg: ModelConfig, tokenizer, **extra):
+    from transformers import AutoConfig
+    try:
+        if cfg.name_or_path:
+            conf = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+        else:
+            if not cfg.config or "model_type" not in cfg.config:
+                raise UserError("model.config needs a model_type (e.g. bert) when model.name_or_path is not set")
+            kwargs = dict(cfg.config)
+            kwargs.setdefault("vocab_size", len(tokenizer))
+            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+            conf = AutoConfig.for_model(**kwargs, **extra)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"cannot build model config: {str(exc).splitlines()[0]}") from None
+    return conf
+
+
+def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
+    """head: `mlm` (masked LM), `pretraining` (MLM + NSP)."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
+    auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining}[head]
+    conf = _auto_config(cfg, tokenizer, **extra)
+    conf._attn_implementation = cfg.attn_implementation
+    try:
+        if cfg.name_or_path:
+            model = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=cfg.attn_implementation)
+        else:
+            torch.manual_seed(int(os.environ.get("BERT_RECIPE_INIT_SEED", "0")))
+            model = auto.from_config(conf, attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
+                        f"{model.get_input_embeddings().num_embeddings}")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def max_positions(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 512))
+
+
+def param_count(model, non_embedding: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.get_input_embeddings().weight.numel()
+    return n

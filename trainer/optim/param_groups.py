@@ -1,0 +1,56 @@
+"""Optimizer parameter groups: weight-decay exclusion decided by module type (not name strings).
+
+Built before `accelerator.prepare` so that DeepSpeed partitions each group separately and keeps its lr."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # model-specific norms (e.g. T5LayerNorm) subclass nn.Module directly: recognise them by their shape —
+    # a module whose only parameters are 1-D scale/shift vectors and that has no children
+    if isinstance(module, _NORM_TYPES):
+        return True
+    params = list(module.parameters(recurse=False))
+    return bool(params) and not list(module.children()) and all(p.dim() == 1 for p in params) \
+        and not isinstance(module, (nn.Linear, nn.Embedding))
+
+
+def no_decay_params(model: nn.Module) -> set[int]:
+    """ids of parameters that must not be weight-decayed: biases and normalisation weights."""
+    out: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if _is_norm(module) or name == "bias":
+                out.add(id(p))
+    return out
+
+
+def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale=None) -> list[dict]:
+    """Groups of trainable parameters keyed by (lr, weight decay); equal keys merged; no empty group.
+
+    `lr_scale(param_name) -> float` multiplies the base lr (layer-wise decay plugs in here)."""
+    no_decay = no_decay_params(model)
+    groups: "OrderedDict[tuple, dict]" = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = lr_scale(name) if lr_scale else 1.0
+        wd = 0.0 if id(p) in no_decay else weight_decay
+        key = (round(lr * scale, 15), wd)
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": lr * scale, "weight_decay": wd})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [g for g in groups.values() if g["params"]]
+
+
+def make_optimizer(groups: list[dict], betas, eps: float) -> torch.optim.Optimizer:
+    """AdamW over the groups (names are kept out of the optimizer, torch rejects unknown keys in some paths)."""
+    torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(torch_groups, betas=tuple(betas), eps=eps, fused=fused or None)

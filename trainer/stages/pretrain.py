@@ -1,0 +1,102 @@
+"""Further pre-training (ITPT / IDPT / CDPT — the same job pointed at different text): masked LM (+ optional NSP)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import loop
+from ..config import PretrainConfig, to_dict
+from ..corpus.builtin import BUILTIN_PREFIX
+from ..corpus.masking import MLMCollator
+from ..corpus.prepare import default_cache_dir, prepare_corpus
+from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
+from ..distributed import make_accelerator
+from ..errors import UserError
+from ..model import build_model, load_tokenizer, max_positions, param_count
+from ..optim.param_groups import build_param_groups, make_optimizer
+from ..tracking import flops_per_token
+from .common import export_hf, prepare_output_dir, save_resolved_config
+
+
+def _builtin_name(cfg: PretrainConfig):
+    for src in cfg.data.corpora:
+        paths = src.path if isinstance(src.path, list) else [src.path]
+        for p in paths:
+            if isinstance(p, str) and p.startswith(BUILTIN_PREFIX):
+                return p[len(BUILTIN_PREFIX):]
+    return None
+
+
+def validate(cfg: PretrainConfig) -> None:
+    if not cfg.data.corpora:
+        raise UserError("data.corpora is empty: name at least one corpus (file, glob, hub dataset or builtin:grammar)")
+    if cfg.data.seq_len < 8:
+        raise UserError(f"data.seq_len must be >= 8, got {cfg.data.seq_len}")
+    if not 0 < cfg.data.mlm_probability < 1:
+        raise UserError(f"data.mlm_probability must be in (0, 1), got {cfg.data.mlm_probability}")
+    for i, src in enumerate(cfg.data.corpora):
+        if src.weight < 0:
+            raise UserError(f"data.corpora[{i}].weight must be >= 0, got {src.weight}")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            raise UserError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
+        raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {cfg.train.max_steps}")
+
+
+def prepare_corpora(cfg: PretrainConfig, tokenizer, log=print):
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc, log) for src in cfg.data.corpora]
+
+
+def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
+                                         grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
+                                         deepspeed_config=cfg.distributed.deepspeed_config)
+    resume_from = prepare_output_dir(accelerator, out, to_dict(cfg), resume, overwrite)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+
+    with accelerator.local_main_process_first():
+        tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), cache)
+        corpora = prepare_corpora(cfg, tokenizer, log=accelerator.print)
+    model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm")
+    if cfg.data.seq_len > max_positions(model):
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
+                        f"({max_positions(model)} max_position_embeddings)")
+    save_resolved_config(accelerator, out, to_dict(cfg))
+
+    order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
+    dataset = PackedDataset(corpora, order)
+    collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
+                          cfg.data.max_predictions, cfg.data.nsp)
+
+    def batches(start: int):
+        sampler = RankBatches(start, topo.rank, topo.world_size, cfg.train.micro_batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                                             persistent_workers=cfg.data.num_workers > 0,
+                                             prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+        for batch in loader:
+            batch.pop("positions")
+            yield batch
+
+    def loss(model, batch):
+        return model(**batch).loss
+
+    groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
+    optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
+    conf = model.config
+    fpt = flops_per_token(param_count(model), conf.num_hidden_layers, conf.hidden_size, cfg.data.seq_len)
+    job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
+                   samples_per_epoch=order.epoch_len, flops_per_token=fpt,
+                   export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model"))
+    loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
+    loop.run(job, loop_cfg, accelerator, topo, resume_from)
+    accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
+    accelerator.end_training()
+    return out

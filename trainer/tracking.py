@@ -1,0 +1,92 @@
+"""What a run reports: `metrics.jsonl`, wandb (main process only), a progress bar, tokens/s and MFU."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import WandbConfig
+
+# dense bf16 peak per GPU (TFLOP/s), for MFU
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+                "V100": 125.0, "A6000": 155.0, "4090": 165.0}
+
+
+def peak_flops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in _PEAK_TFLOPS.items():
+        if key in name:
+            if key == "H100" and "PCIe" in name:
+                tflops = 756.0
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(n_params_non_embedding: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matmuls plus 12·L·d·s for attention scores (PaLM appendix B)."""
+    return 6.0 * n_params_non_embedding + 12.0 * n_layers * hidden * seq_len
+
+
+class Tracker:
+    def __init__(self, output_dir: Path, is_main: bool, wandb_cfg: WandbConfig, run_config: dict,
+                 total_steps: int, start_step: int, wandb_id: Optional[str], flops_per_token: Optional[float],
+                 world_size: int):
+        self.is_main = is_main
+        self.path = output_dir / "metrics.jsonl"
+        self.wandb_run = None
+        self.bar = None
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops()
+        self.world_size = world_size
+        self.wandb_id = wandb_id
+        if not is_main:
+            return
+        if wandb_cfg.mode != "disabled":
+            import wandb
+            self.wandb_run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                                        tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, config=run_config,
+                                        dir=str(output_dir), id=wandb_id, resume="allow" if wandb_id else None)
+            self.wandb_id = self.wandb_run.id
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+        self._last_step_logged = start_step
+        self.t_window = time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        """Write one metrics line (main process) and mirror it to wandb and the bar."""
+        if not self.is_main:
+            return
+        if self.flops_per_token and self.peak and "tokens_per_second" in record:
+            record["mfu"] = record["tokens_per_second"] * self.flops_per_token / (self.peak * self.world_size)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            flat = {k: v for k, v in record.items() if k != "lr" and isinstance(v, (int, float))}
+            flat.update({f"lr/group_{i}": lr for i, lr in enumerate(record.get("lr", []))})
+            self.wandb_run.log(flat, step=record["step"])
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{max(record['lr']):.2e}",
+                                 tok_s=f"{record.get('tokens_per_second', 0):,.0f}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.wandb_run.summary[k] = v
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
