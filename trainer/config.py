@@ -62,6 +62,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500  # 0 → only at the end
     keep_last: int = 3
+    stop_at_step: int = 0  # >0: checkpoint and exit after this step, schedule unchanged (time-boxed jobs)
+    trace_samples: bool = False  # write each rank's stream positions to <output_dir>/samples/rank<r>.txt
 
 
 @dataclass

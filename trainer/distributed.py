@@ -80,10 +80,15 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
 
-    if not torch.cuda.is_available():
-        PartialState(backend="gloo")
-    state = PartialState()
     use_ds = bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available()
+    if cpu:  # without GPUs accelerate forms no process group (DeepSpeed) or a single-process one (DDP) unless told
+        PartialState(backend="gloo") if use_ds else PartialState(cpu=True)
+    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise UserError(f"launched {launched} processes but the process group has {state.num_processes}; "
+                        f"check the accelerate config's distributed_type")
     plugin = None
     zero_stage = 0
     if use_ds:
@@ -98,6 +103,6 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
             ds["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
         os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)  # the plugin below is the only source of truth
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
-    accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin,
+    accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin, cpu=cpu and not use_ds,
                               gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
     return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds)

@@ -56,7 +56,8 @@ def _reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1))
 
 
-def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Optional[Path]) -> TrainerState:
+def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Optional[Path]) -> bool:
+    """Train to the end (→ True) or to `train.stop_at_step` (→ False, checkpoint written)."""
     train = cfg.train
     samples_per_step = train.micro_batch_size * train.grad_accum * topo.world_size
     steps = total_steps(train, job.samples_per_epoch, samples_per_step)
@@ -113,6 +114,10 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 loss_sum.zero_()
                 tokens_sum.zero_()
                 window_steps, t_window = 0, time.perf_counter()
+            if state.step == train.stop_at_step and state.step < steps:
+                ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
+                accelerator.print(f"stopped at step {state.step} (train.stop_at_step); checkpoint: {ckpt}")
+                return False
             if train.save_every > 0 and state.step % train.save_every == 0 and state.step < steps:
                 checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
         ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
@@ -121,4 +126,4 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
     finally:
         tracker.close()
-    return state
+    return True

@@ -77,12 +77,21 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> P
 
     def batches(start: int):
         sampler = RankBatches(start, topo.rank, topo.world_size, cfg.train.micro_batch_size)
+        # own generator: creating the iterator must not consume the global RNG (dropout stays resume-exact)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(cfg.seed),
                                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                                              persistent_workers=cfg.data.num_workers > 0,
                                              prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+        trace = None
+        if cfg.train.trace_samples:
+            (out / "samples").mkdir(exist_ok=True)
+            trace = open(out / "samples" / f"rank{topo.rank}.txt", "a")
         for batch in loader:
-            batch.pop("positions")
+            positions = batch.pop("positions")
+            if trace:
+                trace.write(" ".join(map(str, positions.tolist())) + "\n")
+                trace.flush()
             yield batch
 
     def loss(model, batch):
@@ -96,7 +105,7 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> P
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model"))
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
-    loop.run(job, loop_cfg, accelerator, topo, resume_from)
-    accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
+    if loop.run(job, loop_cfg, accelerator, topo, resume_from):
+        accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
     accelerator.end_training()
     return out
