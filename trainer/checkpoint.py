@@ -54,9 +54,9 @@ def is_complete(path: Path) -> bool:
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+        return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
         return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

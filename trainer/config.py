@@ -4,6 +4,7 @@ Every error names the offending key, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class ModelConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager
+    compile: bool = False  # torch.compile the model (GPU throughput; not with ZeRO-3)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class OptimConfig:
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
-    num_cycles: float = 1.0  # cosine (half-waves) / cosine_with_restarts (restarts)
+    num_cycles: float = 1.0  # cosine: half-waves (1 = decay to 0); cosine_with_restarts: number of cycles
     power: float = 1.0  # polynomial
     min_lr_ratio: float = 0.0  # polynomial: final lr as a fraction of each group's lr
 
@@ -242,7 +244,7 @@ def describe(cls, prefix: str = "") -> list[str]:
         lines.append(f"  {prefix}{f.name} = {default!r}  ({_type_name(tp)})")
         if item_cls is not None:
             lines += [f"  {ln.strip()}" for ln in describe(item_cls, f"{prefix}{f.name}[i].")]
-        choices = CHOICES.get(prefix + f.name)
+        choices = CHOICES.get(re.sub(r"\[i\]", "", prefix) + f.name)
         if choices:
             lines[-1] += f"  one of: {', '.join(choices)}"
     return lines

@@ -81,6 +81,11 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     from accelerate.utils import DeepSpeedPlugin
 
     use_ds = bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    ds = load_deepspeed_config(ds_path) if use_ds and ds_path and ds_path != "none" else None
+    if use_ds and "WORLD_SIZE" not in os.environ:  # DeepSpeed in one plain process (no launcher)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     cpu = not torch.cuda.is_available()
     if cpu:  # without GPUs accelerate forms no process group (DeepSpeed) or a single-process one (DDP) unless told
         PartialState(backend="gloo") if use_ds else PartialState(cpu=True)
@@ -92,10 +97,7 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     plugin = None
     zero_stage = 0
     if use_ds:
-        path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if path and path != "none":
-            ds = load_deepspeed_config(path)
-        else:  # accelerate config without a JSON file: build from its zero_stage
+        if ds is None:  # accelerate config without a JSON file: build from its zero_stage
             ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
         ds = fill_deepspeed_config(ds, micro_batch, grad_accum, max_grad_norm, precision, state.num_processes)
         zero_stage = int(ds["zero_optimization"]["stage"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 
 EXIT_USER_ERROR = 2
 
@@ -28,6 +29,8 @@ def cli_entry(main):
         except UserError as exc:
             if _is_main_rank():
                 print(f"error: {exc}", file=sys.stderr, flush=True)
+            else:  # the launcher kills all ranks when one exits: let rank 0 print first
+                time.sleep(3)
             # os._exit: skip atexit hooks (wandb, process groups) that could hang or print tracebacks
             sys.stdout.flush()
             os._exit(EXIT_USER_ERROR)

@@ -64,6 +64,8 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
                         f"{model.get_input_embeddings().num_embeddings}")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        model.compile()  # in place: the module (and its state_dict keys) stays the same for saving
     return model
 
 
@@ -71,8 +73,14 @@ def max_positions(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 512))
 
 
-def param_count(model, non_embedding: bool = True) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        n -= model.get_input_embeddings().weight.numel()
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token: all but embedding tables (lookups), plus the
+    output projection onto the vocabulary when it is tied to them (its FLOPs are real, its weights shared)."""
+    import torch
+    emb = model.get_input_embeddings().weight
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and out.weight is emb:
+        n += emb.numel()
     return n

@@ -28,9 +28,9 @@ def peak_flops() -> Optional[float]:
     return None
 
 
-def flops_per_token(n_params_non_embedding: int, n_layers: int, hidden: int, seq_len: int) -> float:
+def flops_per_token(n_matmul_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·N for the matmuls plus 12·L·d·s for attention scores (PaLM appendix B)."""
-    return 6.0 * n_params_non_embedding + 12.0 * n_layers * hidden * seq_len
+    return 6.0 * n_matmul_params + 12.0 * n_layers * hidden * seq_len
 
 
 class Tracker:

@@ -83,7 +83,7 @@ class MLMCollator:
         words = np.split(cand, np.flatnonzero(starts)[1:])
         chosen: list[int] = []
         for w in rng.permutation(len(words)):
-            if len(chosen) + len(words[w]) > n and chosen:
+            if len(chosen) + len(words[w]) > n:  # a hard cap, as in Google's reference: skip too-long words
                 continue
             chosen.extend(words[w])
             if len(chosen) >= n:

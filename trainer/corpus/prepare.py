@@ -75,7 +75,8 @@ def _init_worker(tokenizer_dir: str):
 
 
 def _encode(tok, batch: list[str]) -> list[list[int]]:
-    return tok(batch, add_special_tokens=False, return_attention_mask=False,
+    # split_special_tokens: a literal "[SEP]" in the text is text, not a document boundary
+    return tok(batch, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True,
                return_token_type_ids=False, verbose=False)["input_ids"]
 
 

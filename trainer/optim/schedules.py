@@ -32,7 +32,7 @@ def multiplier(cfg: OptimConfig, step: int, total_steps: int) -> float:
     if name == "linear":
         return max(0.0, 1.0 - progress)
     if name == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * cfg.num_cycles * 2.0 * progress)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * cfg.num_cycles * progress)))
     if name == "cosine_with_restarts":
         if progress >= 1.0:
             return 0.0

@@ -13,7 +13,7 @@ from ..corpus.prepare import default_cache_dir, prepare_corpus
 from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
 from ..distributed import make_accelerator
 from ..errors import UserError
-from ..model import build_model, load_tokenizer, max_positions, param_count
+from ..model import build_model, load_tokenizer, max_positions, matmul_params
 from ..optim.param_groups import build_param_groups, make_optimizer
 from ..tracking import flops_per_token
 from .common import export_hf, prepare_output_dir, save_resolved_config
@@ -47,8 +47,17 @@ def validate(cfg: PretrainConfig) -> None:
         raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {cfg.train.max_steps}")
 
 
+def _cache_dir(cfg: PretrainConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+
+
+def builtin_tokenizer_cache(cfg: PretrainConfig):
+    """(builtin corpus name, cache dir): what `load_tokenizer` needs for `model.tokenizer: builtin`."""
+    return _builtin_name(cfg), _cache_dir(cfg)
+
+
 def prepare_corpora(cfg: PretrainConfig, tokenizer, log=print):
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    cache = _cache_dir(cfg)
     return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc, log) for src in cfg.data.corpora]
 
 
@@ -59,10 +68,9 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> P
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                                          deepspeed_config=cfg.distributed.deepspeed_config)
     resume_from = prepare_output_dir(accelerator, out, to_dict(cfg), resume, overwrite)
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
 
     with accelerator.local_main_process_first():
-        tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), cache)
+        tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
         corpora = prepare_corpora(cfg, tokenizer, log=accelerator.print)
     model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm")
     if cfg.data.seq_len > max_positions(model):
@@ -100,7 +108,7 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> P
     groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
     conf = model.config
-    fpt = flops_per_token(param_count(model), conf.num_hidden_layers, conf.hidden_size, cfg.data.seq_len)
+    fpt = flops_per_token(matmul_params(model), conf.num_hidden_layers, conf.hidden_size, cfg.data.seq_len)
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model"))

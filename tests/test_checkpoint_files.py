@@ -1,0 +1,106 @@
+"""Checkpoint completeness (manifest) and the fallback to the newest complete checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpoint import _write_manifest, checkpoint_root, is_complete, latest_complete, list_checkpoints
+
+
+def _make(out: Path, step: int, complete: bool = True, name: str | None = None) -> Path:
+    path = checkpoint_root(out) / (name or f"step_{step:08d}")
+    (path / "pytorch_model").mkdir(parents=True)
+    (path / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"m" * (100 + step))
+    (path / "optimizer.bin").write_bytes(b"o" * 64)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (path / "random_states_0.pkl").write_bytes(b"")  # empty files count too
+    if complete:
+        _write_manifest(path)
+    return path
+
+
+def test_manifest_lists_every_file(tmp_path):
+    path = _make(tmp_path, 5)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert files == {"optimizer.bin": 64, "pytorch_model/mp_rank_00_model_states.pt": 105,
+                     "random_states_0.pkl": 0, "trainer_state.json": len(json.dumps({"step": 5}))}
+    assert not (path / "manifest.json.tmp").exists()
+    assert is_complete(path)
+
+
+def test_incomplete_without_manifest(tmp_path):
+    assert not is_complete(_make(tmp_path, 5, complete=False))
+    assert not is_complete(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "grow", "delete", "delete_nested", "bad_manifest", "no_files_key"])
+def test_damage_makes_incomplete(tmp_path, damage):
+    path = _make(tmp_path, 5)
+    if damage == "truncate":
+        (path / "optimizer.bin").write_bytes(b"o" * 10)
+    elif damage == "grow":
+        (path / "optimizer.bin").write_bytes(b"o" * 65)
+    elif damage == "delete":
+        (path / "trainer_state.json").unlink()
+    elif damage == "delete_nested":
+        (path / "pytorch_model" / "mp_rank_00_model_states.pt").unlink()
+    elif damage == "bad_manifest":
+        (path / "manifest.json").write_text('{"files": {"optimizer.bin": 6')  # torn write
+    else:
+        (path / "manifest.json").write_text('{"sizes": {}}')
+    assert not is_complete(path)
+
+
+def test_extra_file_does_not_break_completeness(tmp_path):
+    path = _make(tmp_path, 5)
+    (path / "notes.txt").write_text("added later")
+    assert is_complete(path)
+
+
+@pytest.mark.parametrize("content", ["null", "[]", '{"files": []}'])
+def test_wrong_shape_manifest_is_incomplete(tmp_path, content):
+    path = _make(tmp_path, 5)
+    (path / "manifest.json").write_text(content)
+    assert not is_complete(path)
+
+
+def test_list_checkpoints_numeric_order_and_filtering(tmp_path):
+    _make(tmp_path, 9, name="step_9")
+    _make(tmp_path, 10, name="step_10")
+    _make(tmp_path, 100)
+    _make(tmp_path, 200, name=".tmp-step_00000200")
+    _make(tmp_path, 300, name="step_latest")
+    (checkpoint_root(tmp_path) / "step_400").write_text("a file, not a dir")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_9", "step_10", "step_00000100"]
+    assert list_checkpoints(tmp_path / "no-run") == []
+
+
+def test_latest_complete_picks_newest(tmp_path):
+    _make(tmp_path, 100)
+    newest = _make(tmp_path, 200)
+    _make(tmp_path, 300, name=".tmp-step_00000300")  # torn save in progress: never a candidate
+    logs = []
+    assert latest_complete(tmp_path, log=logs.append) == newest
+    assert logs == []
+
+
+def test_truncated_newest_falls_back(tmp_path):
+    first = _make(tmp_path, 100)
+    second = _make(tmp_path, 200)
+    third = _make(tmp_path, 300)
+    (third / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 7)  # truncated
+    logs = []
+    assert latest_complete(tmp_path, log=logs.append) == second
+    assert len(logs) == 1 and str(third) in logs[0]
+    (second / "manifest.json").unlink()  # torn before the manifest was written
+    logs.clear()
+    assert latest_complete(tmp_path, log=logs.append) == first
+    assert len(logs) == 2
+
+
+def test_latest_complete_none(tmp_path):
+    assert latest_complete(tmp_path, log=lambda *a: None) is None
+    _make(tmp_path, 100, complete=False)
+    assert latest_complete(tmp_path, log=lambda *a: None) is None
