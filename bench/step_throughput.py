@@ -11,7 +11,7 @@ bare: a fresh subprocess builds the same config, tokenizer, model (same init see
 Both get the same OMP/MKL thread count. Runs alternate (bare, trainer, bare, trainer, ...) and the figure is
 median(trainer tokens/s) / median(bare tokens/s). Goal: >= 0.97.
 
-    python bench/step_throughput.py [--pairs 2] [--steps 100] [--warmup 20] [--micro-batch 8]
+    python bench/step_throughput.py [--pairs 2] [--steps 80] [--warmup 20] [--micro-batch 8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -74,13 +74,17 @@ def bare_worker(args) -> None:
     """Runs in its own process; prints one JSON line."""
     import torch
     torch.set_num_threads(args.threads)
-    from trainer.model import build_model
+    from trainer.model import build_model, load_tokenizer
+    from trainer.stages.pretrain import _builtin_name
     cfg = load_cfg(args)
-    t0 = time.perf_counter()
-    tokenizer, batches = make_batches(cfg, args.warmup + args.steps)
-    collate_s = time.perf_counter() - t0
+    # same order as the stage: tokenizer, model, then batches (the allocation history alone moves CPU step
+    # time by ~3-4 %: materialising the batches before building the model made the bare loop slower)
+    tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
     model = build_model(cfg.model, tokenizer, head="mlm")
     model.train()
+    t0 = time.perf_counter()
+    _, batches = make_batches(cfg, args.warmup + args.steps)
+    collate_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
     tokens = 0
@@ -152,7 +156,7 @@ def worker_argv(args) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=2, help="(bare, trainer) run pairs, alternating (default 2)")
-    ap.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
+    ap.add_argument("--steps", type=int, default=80, help="timed steps per run (default 80)")
     ap.add_argument("--warmup", type=int, default=20,
                     help="untimed steps first; also train.log_every, so --steps should be a multiple (default 20)")
     ap.add_argument("--micro-batch", type=int, default=8)
@@ -160,8 +164,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="OMP/MKL/torch threads for both (default: all CPUs)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="OMP/MKL/torch threads for both (default 1: on the 2-vCPU benchmark VM, 2 threads make "
+                         "step times erratic, 0.2 s to several s, see RESULTS.md)")
     ap.add_argument("--num-workers", type=int, default=0, help="trainer data.num_workers (tiny.yaml: 0)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0,
                     help="trainer train.max_grad_norm (trainer default 1.0; the bare loop never clips)")
@@ -186,7 +191,8 @@ def main():
         b = run_bare(args)
         bare.append(b["tokens_per_second"])
         print(f"  pair {i + 1}: bare    {b['tokens_per_second']:>9,.0f} tokens/s ({b['tokens']:,} tokens in "
-              f"{b['seconds']:.1f}s, torch threads {b['threads']})")
+              f"{b['seconds']:.1f}s, torch threads {b['threads']}; its {args.warmup + args.steps} batches were "
+              f"built beforehand, untimed, in {b['batch_build_s']:.2f}s)")
         t = run_trainer(args, window_tokens)
         trainer.append(t["tokens_per_second"])
         print(f"  pair {i + 1}: trainer {t['tokens_per_second']:>9,.0f} tokens/s ({t['tokens']:,} tokens in "

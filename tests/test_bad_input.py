@@ -55,7 +55,7 @@ def test_missing_empty_and_fieldless_corpora(tmp_path, cache):
     jl = tmp_path / "c.jsonl.gz"
     with gzip.open(jl, "wt") as f:
         f.write(json.dumps({"review": "a good film"}) + "\n")
-    expect_error(out, cache, f"data.corpora=[{{path: {jl}, text_field: text}}]", match="no text field 'text'")
+    expect_error(out, cache, f"data.corpora=[{{path: {jl}, text_field: text}}]", match="no field 'text'")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     expect_error(out, cache, f"data.corpora=[{{path: {bad}}}]", match="not valid UTF-8")

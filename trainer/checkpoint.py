@@ -15,6 +15,7 @@ from typing import Optional
 from .errors import UserError
 
 PREFIX = "step_"
+BEST = "best"  # the best-on-dev checkpoint (fine-tuning); never pruned, never resumed from
 
 
 @dataclass
@@ -75,10 +76,10 @@ def latest_complete(output_dir: Path, log=print) -> Optional[Path]:
     return None
 
 
-def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint dir."""
+def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int, name: Optional[str] = None) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint dir (`step_N`, or `name`)."""
     root = checkpoint_root(output_dir)
-    final = root / f"{PREFIX}{state.step:08d}"
+    final = root / (name or f"{PREFIX}{state.step:08d}")
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,9 +90,14 @@ def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int) -> 
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
         _write_manifest(tmp)
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # re-saving the same step, or a new best: the old one goes only once the new is whole
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
         _fsync_dir(root)
         _prune(output_dir, keep_last)
     accelerator.wait_for_everyone()

@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500  # 0 → only at the end
     keep_last: int = 3
+    eval_every: int = 0  # fine-tuning: dev evaluation every N steps; 0 → once per epoch
     stop_at_step: int = 0  # >0: checkpoint and exit after this step, schedule unchanged (time-boxed jobs)
     trace_samples: bool = False  # write each rank's stream positions to <output_dir>/samples/rank<r>.txt
 
@@ -80,6 +81,44 @@ class OptimConfig:
     num_cycles: float = 1.0  # cosine: half-waves (1 = decay to 0); cosine_with_restarts: number of cycles
     power: float = 1.0  # polynomial
     min_lr_ratio: float = 0.0  # polynomial: final lr as a fraction of each group's lr
+    layer_decay: float = 1.0  # ξ: layer l of L gets lr·ξ^(L−l), embeddings lr·ξ^L, head/pooler lr (paper Table 4)
+
+
+@dataclass
+class ClassificationDataConfig:
+    """A classification task: files (jsonl/csv/tsv/parquet, .gz too), a HF hub dataset name, or builtin:topics."""
+    train: str = ""
+    dev: Optional[str] = None  # None → a stratified, seeded `dev_ratio` of train
+    test: Optional[str] = None
+    text_fields: list = field(default_factory=lambda: ["text"])  # one field, or two for sentence pairs
+    label_field: str = "label"
+    format: str = "auto"  # auto | jsonl | csv | tsv | parquet | hub
+    hub_config: Optional[str] = None
+    hub_splits: dict = field(default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"})
+    dev_ratio: float = 0.1
+    few_shot_fraction: Optional[float] = None  # stratified, seeded fraction of train (paper Fig. 4)
+    few_shot_per_class: Optional[int] = None  # or N examples per class
+    eval_batch_size: int = 64
+
+
+@dataclass
+class TextConfig:
+    """Long-text handling on word pieces (paper Table 2); max_len includes [CLS]/[SEP]."""
+    strategy: str = "head"  # head | tail | head_tail | hierarchical
+    max_len: int = 512
+    head_tokens: int = 128  # head_tail: first head_tokens + last (max_len - 2 - head_tokens)
+    max_chunks: int = 8  # hierarchical: cap on chunks per document (first ones kept)
+    chunk_pool: str = "mean"  # hierarchical: mean | max | attention
+
+
+@dataclass
+class HeadConfig:
+    """Which layer(s) the classifier reads (paper Table 3): 0 = embeddings … L; negatives count from the top."""
+    layers: Union[int, list, str] = -1  # an index, a list of indexes, or first4 | last4 | all
+    layer_pool: str = "concat"  # several layers: concat | mean | max
+    pooler: bool = True  # last layer alone: go through the encoder's pooler, as BERT's own classifier
+    dropout: float = 0.1
+    freeze_encoder: bool = False  # BERT-Feat baseline: train the head only
 
 
 @dataclass
@@ -108,6 +147,21 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/finetune"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=-1, epochs=3.0, micro_batch_size=24,
+                                                                   save_every=0, keep_last=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
 # list fields whose items are themselves typed sections
 _LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource}
 
@@ -119,6 +173,10 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "data.corpora.format": ("auto", "txt", "jsonl", "csv", "tsv", "parquet", "hub"),
     "data.corpora.doc_separator": ("line", "blank"),
+    "data.format": ("auto", "jsonl", "csv", "tsv", "parquet", "hub"),
+    "text.strategy": ("head", "tail", "head_tail", "hierarchical"),
+    "text.chunk_pool": ("mean", "max", "attention"),
+    "head.layer_pool": ("concat", "mean", "max"),
 }
 
 

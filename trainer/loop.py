@@ -32,6 +32,10 @@ class Job:
     export: Callable[[object, torch.nn.Module], None]  # (accelerator, model) → final HF export
     tokens: Callable[[dict], torch.Tensor] = lambda b: b["attention_mask"].sum()
     flops_per_token: Optional[float] = None
+    # fine-tuning: model → dev metrics (collective); the loop keeps the best-on-dev checkpoint and
+    # restores it before `export`, which then evaluates test once
+    evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
+    select_metric: str = "accuracy"
 
 
 @dataclass
@@ -61,6 +65,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     train = cfg.train
     samples_per_step = train.micro_batch_size * train.grad_accum * topo.world_size
     steps = total_steps(train, job.samples_per_epoch, samples_per_step)
+    steps_per_epoch = max(1, math.ceil(job.samples_per_epoch / samples_per_step))
 
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
     state = TrainerState(world_size=topo.world_size)
@@ -114,6 +119,9 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 loss_sum.zero_()
                 tokens_sum.zero_()
                 window_steps, t_window = 0, time.perf_counter()
+            eval_every = train.eval_every or steps_per_epoch
+            if job.evaluate is not None and (state.step % eval_every == 0 or state.step == steps):
+                _evaluate(job, model, accelerator, cfg, state, tracker)
             if state.step == train.stop_at_step and state.step < steps:
                 ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
                 accelerator.print(f"stopped at step {state.step} (train.stop_at_step); checkpoint: {ckpt}")
@@ -122,8 +130,25 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
         ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
         accelerator.print(f"checkpoint: {ckpt}")
+        best = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.BEST
+        if job.evaluate is not None and checkpoint.is_complete(best):
+            accelerator.load_state(str(best))
+            accelerator.print(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model)
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
     finally:
         tracker.close()
     return True
+
+
+def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState, tracker: Tracker) -> None:
+    """Dev evaluation; a better `select_metric` than before saves the `best` checkpoint."""
+    model.eval()
+    with torch.no_grad():
+        result = job.evaluate(model)
+    model.train()
+    tracker.log({"step": state.step, "split": "dev", **{k: v for k, v in result.items() if k != "confusion_matrix"}})
+    value = result[job.select_metric]
+    if value > state.extra.get("best_metric", float("-inf")):
+        state.extra.update(best_metric=value, best_step=state.step)
+        checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)

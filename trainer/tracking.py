@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -56,8 +55,6 @@ class Tracker:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0)
-        self._last_step_logged = start_step
-        self.t_window = time.perf_counter()
 
     def log(self, record: dict) -> None:
         """Write one metrics line (main process) and mirror it to wandb and the bar."""
@@ -68,10 +65,11 @@ class Tracker:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            flat = {k: v for k, v in record.items() if k != "lr" and isinstance(v, (int, float))}
+            prefix = f"{record['split']}/" if "split" in record else ""
+            flat = {prefix + k: v for k, v in record.items() if k not in ("lr", "step") and isinstance(v, (int, float))}
             flat.update({f"lr/group_{i}": lr for i, lr in enumerate(record.get("lr", []))})
             self.wandb_run.log(flat, step=record["step"])
-        if self.bar is not None and "loss" in record:
+        if self.bar is not None and "lr" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{max(record['lr']):.2e}",
                                  tok_s=f"{record.get('tokens_per_second', 0):,.0f}", refresh=False)
 

@@ -51,6 +51,17 @@ def grammar_documents(n_docs: int = 4000, seed: int = 1234):
         yield " ".join(_sentence(rng, topic) for _ in range(rng.randint(2, 12)))
 
 
+def topic_examples(split: str):
+    """builtin:topics — the grammar's documents labelled by topic (5 classes), disjoint seeded splits."""
+    sizes = {"train": (2000, 11), "dev": (300, 12), "test": (500, 13)}
+    n, seed = sizes[split]
+    rng = random.Random(seed)
+    topics = sorted(_TOPICS)
+    for _ in range(n):
+        topic = rng.choice(topics)
+        yield " ".join(_sentence(rng, topic) for _ in range(rng.randint(1, 12))), topic
+
+
 def builtin_documents(name: str):
     if name != "grammar":
         from ..errors import UserError

@@ -10,7 +10,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ..config import CorpusSource
 from ..errors import UserError
@@ -68,7 +68,7 @@ def iter_documents(src: CorpusSource) -> Iterator[str]:
     """All documents of one source, in a fixed order. Empty texts are skipped."""
     for path in source_paths(src):
         fmt = file_format(path, src.format)
-        try:
+        try:  # (record formats report these themselves, with the row)
             yield from (d for d in _READERS[fmt](path, src) if d and not d.isspace())
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
@@ -93,14 +93,24 @@ def _read_txt(path: str, src: CorpusSource):
             yield " ".join(para)
 
 
-def _field(record: dict, src: CorpusSource, path: str, row: int) -> str:
-    if src.text_field not in record:
-        raise UserError(f"{path} row {row}: no text field '{src.text_field}' (fields: {', '.join(map(str, record))})")
-    value = record[src.text_field]
+def _field(record: dict, field: str, path: str, row: int) -> str:
+    if field not in record:
+        raise UserError(f"{path} row {row}: no field '{field}' (fields: {', '.join(map(str, record))})")
+    value = record[field]
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
-def _read_jsonl(path: str, src: CorpusSource):
+def iter_records(path: str, fmt: str, fields: Optional[list] = None) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a jsonl/csv/tsv/parquet file (or a hub dataset); rows count from 1."""
+    try:
+        yield from _RECORD_READERS[fmt](path, fields)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def _records_jsonl(path: str, fields):
     with _open_text(path) as f:
         for row, line in enumerate(f, 1):
             if not line.strip():
@@ -111,49 +121,68 @@ def _read_jsonl(path: str, src: CorpusSource):
                 raise UserError(f"{path} row {row}: invalid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path} row {row}: expected a JSON object")
-            yield _field(record, src, path, row)
+            yield row, record
 
 
-def _read_delimited(path: str, src: CorpusSource, delimiter: str):
+def _records_delimited(path: str, fields, delimiter: str):
     csv.field_size_limit(1 << 30)
     with _open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames is None:
             return
-        if src.text_field not in reader.fieldnames:
-            raise UserError(f"{path}: no text column '{src.text_field}' (columns: {', '.join(reader.fieldnames)})")
-        for record in reader:
-            yield record[src.text_field] or ""
+        missing = [c for c in fields or [] if c not in reader.fieldnames]
+        if missing:
+            raise UserError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames)})")
+        for row, record in enumerate(reader, 1):
+            yield row, record
 
 
-def _read_parquet(path: str, src: CorpusSource):
+def _records_parquet(path: str, fields):
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
-    if src.text_field not in pf.schema_arrow.names:
-        raise UserError(f"{path}: no text column '{src.text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
-        yield from (t or "" for t in batch.column(0).to_pylist())
+    missing = [c for c in fields or [] if c not in pf.schema_arrow.names]
+    if missing:
+        raise UserError(f"{path}: no column '{missing[0]}' (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=fields, batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
 
 
-def _read_hub(name: str, src: CorpusSource):
+def _records_hub(spec: str, fields):
+    """`spec` is `name` or `name::split` (and `name:config::split`)."""
     import datasets
+    name, _, split = spec.partition("::")
+    name, _, config = name.partition(":")
     try:
-        ds = datasets.load_dataset(name, src.hub_config, split=src.hub_split, streaming=True)
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as exc:  # offline, unknown name, gated …: all user-facing
-        raise UserError(f"cannot load hub dataset '{name}' (split {src.hub_split}): "
+        raise UserError(f"cannot load hub dataset '{name}' (split {split or 'train'}): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    for row, record in enumerate(ds, 1):
-        yield _field(record, src, name, row)
+    yield from enumerate(ds, 1)
+
+
+_RECORD_READERS = {
+    "jsonl": _records_jsonl, "parquet": _records_parquet, "hub": _records_hub,
+    "csv": lambda p, f: _records_delimited(p, f, ","), "tsv": lambda p, f: _records_delimited(p, f, "\t"),
+}
+
+
+def _read_records(path: str, src: CorpusSource):
+    spec = path
+    if file_format(path, src.format) == "hub":
+        spec = f"{path}{':' + src.hub_config if src.hub_config else ''}::{src.hub_split}"
+    for row, record in iter_records(spec, file_format(path, src.format), [src.text_field]):
+        yield _field(record, src.text_field, path, row)
 
 
 def _read_builtin(path: str, src: CorpusSource):
     return builtin_documents(path[len(BUILTIN_PREFIX):])
 
 
-_READERS = {
-    "txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet, "hub": _read_hub, "builtin": _read_builtin,
-    "csv": lambda p, s: _read_delimited(p, s, ","), "tsv": lambda p, s: _read_delimited(p, s, "\t"),
-}
+_READERS = {"txt": _read_txt, "builtin": _read_builtin,
+            **{fmt: _read_records for fmt in ("jsonl", "csv", "tsv", "parquet", "hub")}}
 
 
 def fingerprint(src: CorpusSource) -> list:

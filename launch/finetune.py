@@ -1,0 +1,23 @@
+"""Fine-tuning for text classification (the paper's strategies) entry point.
+
+accelerate launch [--config_file launch/accelerate/<setup>.yaml] launch/finetune.py --config <yaml> [key.sub=value ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.cli import parse_args  # noqa: E402
+from trainer.config import FinetuneConfig  # noqa: E402
+from trainer.errors import cli_entry  # noqa: E402
+
+
+@cli_entry
+def main():
+    args, cfg = parse_args(FinetuneConfig, __doc__)
+    from trainer.stages import finetune
+    finetune.run(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

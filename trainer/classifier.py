@@ -1,0 +1,168 @@
+"""Encoder + classification head: which layer(s) to read (paper Table 3) and how to pool the chunks of a long
+document (paper Table 2, hierarchical). Saved so that HF `from_pretrained` loads it:
+- the standard head (last layer through the pooler, no hierarchy) is exported as the model type's own
+  `…ForSequenceClassification` — `AutoModelForSequenceClassification.from_pretrained(dir)` just works;
+- any other head is exported in this project's format; `Classifier.from_pretrained(dir)` loads both."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import HeadConfig, TextConfig
+from .errors import UserError
+
+RECIPE_FILE = "bert_recipe.json"
+
+
+def resolve_layers(spec, num_layers: int) -> list[int]:
+    """Indexes into hidden_states (0 = embeddings … L). Accepts an int, a list, or first4 | last4 | all."""
+    named = {"first4": [1, 2, 3, 4], "last4": list(range(num_layers - 3, num_layers + 1)),
+             "all": list(range(1, num_layers + 1))}
+    if isinstance(spec, str):
+        if spec not in named:
+            raise UserError(f"head.layers must be an index, a list of indexes, or first4|last4|all; got {spec!r}")
+        return [i for i in named[spec] if 0 <= i <= num_layers]
+    items = spec if isinstance(spec, list) else [spec]
+    out = []
+    for i in items:
+        if not isinstance(i, int) or not -(num_layers + 1) <= i <= num_layers:
+            raise UserError(f"head.layers entry {i!r} is outside 0..{num_layers} (or -{num_layers + 1}..-1)")
+        out.append(i % (num_layers + 1))
+    if not out:
+        raise UserError("head.layers is empty")
+    return out
+
+
+def pool_chunks(features: torch.Tensor, doc_index: torch.Tensor, num_docs: int, mode: str,
+                scorer: Optional[nn.Module] = None) -> torch.Tensor:
+    """[chunks, d] → [docs, d] by mean / max / self-attention over each document's chunks."""
+    d = features.shape[-1]
+    idx = doc_index.unsqueeze(-1).expand(-1, d)
+    if mode == "max":
+        init = torch.full((num_docs, d), float("-inf"), dtype=features.dtype, device=features.device)
+        return init.scatter_reduce(0, idx, features, reduce="amax", include_self=True)
+    if mode == "mean":
+        sums = torch.zeros((num_docs, d), dtype=features.dtype, device=features.device).index_add(0, doc_index, features)
+        counts = torch.bincount(doc_index, minlength=num_docs).clamp(min=1).to(features.dtype)
+        return sums / counts.unsqueeze(-1)
+    scores = scorer(features).squeeze(-1).float()  # self-attention: softmax over each document's chunks
+    top = torch.full((num_docs,), float("-inf"), device=scores.device).scatter_reduce(
+        0, doc_index, scores, reduce="amax", include_self=True)
+    weights = torch.exp(scores - top[doc_index])
+    norm = torch.zeros(num_docs, device=scores.device).index_add(0, doc_index, weights)
+    weights = (weights / norm[doc_index]).to(features.dtype).unsqueeze(-1)
+    return torch.zeros((num_docs, d), dtype=features.dtype, device=features.device).index_add(
+        0, doc_index, features * weights)
+
+
+class Classifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_labels: int, head: HeadConfig, text: TextConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.head_cfg, self.text_cfg = head, text
+        conf = encoder.config
+        self.num_layers = conf.num_hidden_layers
+        self.layers = resolve_layers(head.layers, self.num_layers)
+        self.use_pooler = head.pooler and self.layers == [self.num_layers] and getattr(encoder, "pooler", None) is not None
+        if getattr(encoder, "pooler", None) is not None and not self.use_pooler:
+            encoder.pooler = None  # unused parameters would break DDP and waste optimizer state
+        self.use_token_types = getattr(conf, "type_vocab_size", 0) > 1
+        width = conf.hidden_size * (len(self.layers) if head.layer_pool == "concat" else 1)
+        self.hierarchical = text.strategy == "hierarchical"
+        self.chunk_scorer = nn.Linear(width, 1) if self.hierarchical and text.chunk_pool == "attention" else None
+        self.dropout = nn.Dropout(head.dropout)
+        self.classifier = nn.Linear(width, num_labels)
+        init_range = getattr(conf, "initializer_range", 0.02)
+        for lin in (self.classifier, self.chunk_scorer):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=init_range)
+                nn.init.zeros_(lin.bias)
+        if head.freeze_encoder:
+            encoder.requires_grad_(False)
+
+    @property
+    def config(self):  # accelerate sizes DeepSpeed buckets from model.config.hidden_size
+        return self.encoder.config
+
+    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        all_layers = not (self.layers == [self.num_layers])
+        kwargs = {"token_type_ids": token_type_ids} if self.use_token_types and token_type_ids is not None else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers,
+                           **kwargs)
+        if self.use_pooler:
+            return out.pooler_output
+        if not all_layers:
+            return out.last_hidden_state[:, 0]
+        cls = [out.hidden_states[i][:, 0] for i in self.layers]
+        if len(cls) == 1 or self.head_cfg.layer_pool == "concat":
+            return torch.cat(cls, dim=-1)
+        stacked = torch.stack(cls)
+        return stacked.mean(0) if self.head_cfg.layer_pool == "mean" else stacked.max(0).values
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, doc_index=None):
+        feats = self.features(input_ids, attention_mask, token_type_ids)
+        if doc_index is not None:
+            num_docs = labels.shape[0] if labels is not None else int(doc_index.max()) + 1
+            feats = pool_chunks(feats, doc_index, num_docs, self.text_cfg.chunk_pool, self.chunk_scorer)
+        logits = self.classifier(self.dropout(feats))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return loss, logits
+
+    # ------------------------------------------------------------------ export / load
+    def is_standard(self) -> bool:
+        return self.use_pooler and not self.hierarchical
+
+    def save(self, target: Path, state_dict: dict, tokenizer, labels: list, text_fields: list) -> None:
+        """Write `target` (a fresh dir). `state_dict` is the consolidated one (ZeRO-3 gathers it)."""
+        from transformers import AutoModelForSequenceClassification
+        target.mkdir(parents=True)
+        conf = self.encoder.config
+        conf.id2label = {i: str(lab) for i, lab in enumerate(labels)}
+        conf.label2id = {str(lab): i for i, lab in enumerate(labels)}
+        recipe = {"labels": labels, "text_fields": list(text_fields), "head": vars(self.head_cfg),
+                  "text": vars(self.text_cfg), "format": "recipe"}
+        hf = None
+        if self.is_standard():
+            hf = AutoModelForSequenceClassification.from_config(conf)
+            prefix = self.encoder.base_model_prefix
+            mapped = {(f"{prefix}.{k[len('encoder.'):]}" if k.startswith("encoder.") else k): v
+                      for k, v in state_dict.items()}
+            if set(mapped) == set(hf.state_dict()):
+                hf.load_state_dict(mapped)
+                recipe["format"] = "hf"
+            else:
+                hf = None
+        if hf is not None:
+            hf.save_pretrained(str(target))
+        else:
+            conf.architectures = ["BertRecipeClassifier"]
+            conf.save_pretrained(str(target))
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(target / "model.safetensors"))
+        (target / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, default=str))
+        tokenizer.save_pretrained(str(target))
+
+    @classmethod
+    def from_pretrained(cls, path) -> tuple["Classifier", dict]:
+        """→ (model, recipe: {labels, head, text})."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel
+        path = Path(path)
+        if not (path / RECIPE_FILE).is_file():
+            raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
+        recipe = json.loads((path / RECIPE_FILE).read_text())
+        conf = AutoConfig.from_pretrained(str(path))
+        model = cls(AutoModel.from_config(conf), len(recipe["labels"]), HeadConfig(**recipe["head"]),
+                    TextConfig(**recipe["text"]))
+        state = load_file(str(path / "model.safetensors"))
+        if recipe["format"] == "hf":
+            prefix = model.encoder.base_model_prefix + "."
+            state = {("encoder." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model, recipe

@@ -1,0 +1,93 @@
+"""Length-grouped, dynamically padded batches for classification — identical on every rank, sliced per rank.
+
+Train: each epoch is a (seed, epoch) permutation cut into mega-batches of 50 global batches; inside one, examples
+are sorted by length and cut into global batches whose order is shuffled again. Global batch k is split into one
+micro-batch per rank, so all ranks run the same number of steps (ZeRO-3 needs it) on disjoint examples; the last
+global batch is filled up from the start of the epoch. Hierarchical examples contribute several chunks; the
+encoder sees them flattened as one [chunks, T] tensor with a chunk → document index."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+MEGA = 50
+
+
+def example_lengths(encoded) -> np.ndarray:
+    return np.array([sum(len(ids) for ids, _ in chunks) for chunks in encoded], dtype=np.int64)
+
+
+def epoch_global_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+                         group_by_length: bool = True) -> list[np.ndarray]:
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch, 17])
+    order = rng.permutation(n)
+    pad = (-n) % global_batch
+    order = np.concatenate([order, order[:pad]]) if pad <= n else np.resize(order, n + pad)
+    if group_by_length:
+        mega = global_batch * MEGA
+        parts = [order[i:i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
+    batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return math.ceil(n / global_batch)
+
+
+def rank_train_batches(lengths, micro_batch: int, world: int, rank: int, seed: int, start_sample: int
+                       ) -> Iterator[np.ndarray]:
+    """This rank's micro-batches (example indexes), forever, from global sample `start_sample` on."""
+    g = micro_batch * world
+    per_epoch = steps_per_epoch(len(lengths), g)
+    step = start_sample // g
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        batches = epoch_global_batches(lengths, g, seed, epoch)
+        for batch in batches[k:]:
+            yield batch[rank * micro_batch:(rank + 1) * micro_batch]
+            step += 1
+
+
+def rank_eval_batches(lengths, batch_size: int, world: int, rank: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Length-sorted (indexes, valid mask) batches; every rank gets the same number of equally sized batches."""
+    order = np.argsort(-lengths, kind="stable")
+    per_rank = math.ceil(len(order) / world)
+    n_batches = math.ceil(per_rank / batch_size)
+    out = []
+    for b in range(n_batches):
+        pos = np.arange(b * batch_size * world, min((b + 1) * batch_size * world, n_batches * batch_size * world))
+        pos = pos[rank::world]
+        valid = pos < len(order)
+        out.append((order[np.where(valid, pos, 0)], valid))
+    return out
+
+
+class Collator:
+    """Pads a list of encoded examples; hierarchical examples flatten into chunks + `doc_index`."""
+
+    def __init__(self, pad_id: int, hierarchical: bool):
+        self.pad_id, self.hierarchical = pad_id, hierarchical
+
+    def __call__(self, encoded: list, labels) -> dict:
+        chunks, doc_index = [], []
+        for d, example in enumerate(encoded):
+            chunks.extend(example)
+            doc_index.extend([d] * len(example))
+        width = max(len(ids) for ids, _ in chunks)
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+        types = torch.zeros((len(chunks), width), dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, (x, t) in enumerate(chunks):
+            ids[i, :len(x)] = torch.tensor(x)
+            types[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(x)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                 "labels": torch.as_tensor(np.asarray(labels), dtype=torch.long)}
+        if self.hierarchical:
+            batch["doc_index"] = torch.tensor(doc_index, dtype=torch.long)
+        return batch
