@@ -10,7 +10,7 @@ trains a fixed number of steps on it. Peak RSS of the training process:
     peak anonymous RSS (rss - shared), which tells heap growth from mapped-file pages (the memory-mapped
     shards count in RSS once touched).
 
-    python bench/rss.py [--sizes 10,100] [--steps 40] [--num-workers 0] [--repeats 1]
+    python bench/rss.py [--sizes 10,100] [--steps 25] [--num-workers 0] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def measure(args, corpus: Path, tok_spec: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10,100", help="corpus sizes in MB of text, comma-separated (default 10,100)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
+    ap.add_argument("--steps", type=int, default=25, help="training steps per run (default 25)")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=128)

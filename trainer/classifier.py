@@ -5,6 +5,7 @@ document (paper Table 2, hierarchical). Saved so that HF `from_pretrained` loads
 - any other head is exported in this project's format; `Classifier.from_pretrained(dir)` loads both."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -57,6 +58,20 @@ def pool_chunks(features: torch.Tensor, doc_index: torch.Tensor, num_docs: int, 
     weights = (weights / norm[doc_index]).to(features.dtype).unsqueeze(-1)
     return torch.zeros((num_docs, d), dtype=features.dtype, device=features.device).index_add(
         0, doc_index, features * weights)
+
+
+@contextlib.contextmanager
+def _throwaway_model():
+    """Build a model on one rank only to learn its layout: on the meta device (no memory) and without
+    DeepSpeed ZeRO-3's partitioned construction, which is a collective and would hang the other ranks."""
+    from transformers.integrations import deepspeed as hf_ds
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 class Classifier(nn.Module):
@@ -127,17 +142,17 @@ class Classifier(nn.Module):
                   "text": vars(self.text_cfg), "format": "recipe"}
         hf = None
         if self.is_standard():
-            hf = AutoModelForSequenceClassification.from_config(conf)
+            with _throwaway_model():
+                hf = AutoModelForSequenceClassification.from_config(conf)
             prefix = self.encoder.base_model_prefix
             mapped = {(f"{prefix}.{k[len('encoder.'):]}" if k.startswith("encoder.") else k): v
                       for k, v in state_dict.items()}
             if set(mapped) == set(hf.state_dict()):
-                hf.load_state_dict(mapped)
                 recipe["format"] = "hf"
             else:
                 hf = None
         if hf is not None:
-            hf.save_pretrained(str(target))
+            hf.save_pretrained(str(target), state_dict=mapped)
         else:
             conf.architectures = ["BertRecipeClassifier"]
             conf.save_pretrained(str(target))

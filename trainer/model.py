@@ -70,7 +70,11 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
 
 
 def max_positions(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 512))
+    """Longest input the model can embed. RoBERTa-style embeddings start positions at padding_idx + 1."""
+    limit = int(getattr(model.config, "max_position_embeddings", 512))
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)
+    return limit - offset - 1 if isinstance(offset, int) else limit
 
 
 def matmul_params(model) -> int:

@@ -2,7 +2,7 @@
 everything above the last layer (pooler, task heads) the base lr.
 
 Depth is found from the module tree, not from parameter-name patterns: the encoder's block list is the
-ModuleList holding `num_hidden_layers` blocks, the embeddings are the module that owns the input embedding.
+ModuleList holding `num_hidden_layers` blocks; the rest of the encoder is embeddings, except its pooler.
 So it works for any BERT-family encoder (BERT, RoBERTa, ELECTRA, DeBERTa, MiniLM …)."""
 from __future__ import annotations
 
@@ -16,23 +16,20 @@ def _block_list(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
     return lists[0]
 
 
-def _embedding_owner(encoder: nn.Module) -> nn.Module:
-    emb = encoder.get_input_embeddings()
-    for module in encoder.modules():
-        if any(child is emb for child in module.children()):
-            return module
-    return emb
-
-
 def parameter_depths(model: nn.Module, encoder: nn.Module) -> tuple[dict[str, int], int]:
-    """{parameter name in `model`: depth} with 0 = embeddings, 1..L = blocks, L+1 = above the encoder."""
+    """{parameter name in `model`: depth} with 0 = embeddings, 1..L = blocks, L+1 = above the encoder.
+
+    Encoder parameters outside the blocks — embeddings, ELECTRA's embedding projection, DeBERTa's shared
+    relative-position tables — count as embeddings; the pooler and everything outside the encoder (task heads)
+    get the base lr."""
     num_layers = encoder.config.num_hidden_layers
-    depth_of_param: dict[int, int] = {}
-    for p in _embedding_owner(encoder).parameters():
-        depth_of_param[id(p)] = 0
+    depth_of_param = {id(p): 0 for p in encoder.parameters()}
     for i, block in enumerate(_block_list(encoder, num_layers)):
         for p in block.parameters():
             depth_of_param[id(p)] = i + 1
+    pooler = getattr(encoder, "pooler", None)
+    for p in pooler.parameters() if isinstance(pooler, nn.Module) else []:
+        depth_of_param[id(p)] = num_layers + 1
     return {name: depth_of_param.get(id(p), num_layers + 1) for name, p in model.named_parameters()}, num_layers
 
 

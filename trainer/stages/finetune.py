@@ -14,7 +14,7 @@ from ..config import FinetuneConfig, to_dict
 from ..distributed import make_accelerator
 from ..errors import UserError
 from ..metrics import classification_metrics
-from ..model import load_tokenizer
+from ..model import load_tokenizer, max_positions
 from ..optim.layer_decay import layer_decay_scales
 from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
 from ..text import truncation
@@ -63,7 +63,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> P
         tokenizer = load_tokenizer(cfg.model, "grammar", _cache_dir())
     splits, labels, vocab = load_task(cfg.data, cfg.seed, log=accelerator.print)
     encoder = build_encoder(cfg, tokenizer)
-    truncation.validate(cfg.text, len(cfg.data.text_fields), int(getattr(encoder.config, "max_position_embeddings", 512)))
+    truncation.validate(cfg.text, len(cfg.data.text_fields), max_positions(encoder))
     model = Classifier(encoder, len(vocab), cfg.head, cfg.text)
     if cfg.model.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -25,13 +25,15 @@ def epoch_global_batches(lengths: np.ndarray, global_batch: int, seed: int, epoc
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch, 17])
     order = rng.permutation(n)
-    pad = (-n) % global_batch
-    order = np.concatenate([order, order[:pad]]) if pad <= n else np.resize(order, n + pad)
     if group_by_length:
         mega = global_batch * MEGA
         parts = [order[i:i + mega] for i in range(0, len(order), mega)]
         order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
     batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    short = global_batch - len(batches[-1])
+    if short:  # fill the last batch with examples it does not hold yet (repeats only if n < global batch)
+        others = order[~np.isin(order, batches[-1])][:short]
+        batches[-1] = np.resize(np.concatenate([batches[-1], others]), global_batch)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

@@ -21,6 +21,7 @@ class Split:
     texts: list  # list[tuple[str, ...]] — one or two fields per example
     labels: list  # raw labels as read (str or int)
     source: str
+    rows: Optional[list] = None  # file row of each example, for error messages
 
 
 def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
@@ -28,7 +29,7 @@ def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
         if spec != "builtin:topics":
             raise UserError(f"unknown builtin dataset '{spec}' (known: builtin:topics)")
         pairs = list(topic_examples(split))
-        return Split([(t,) for t, _ in pairs], [lab for _, lab in pairs], spec)
+        return Split([(t,) for t, _ in pairs], [lab for _, lab in pairs], spec, list(range(1, len(pairs) + 1)))
     exists = os.path.exists(spec)
     fmt = "hub" if cfg.format == "hub" or (not exists and cfg.format == "auto" and _looks_like_hub_name(spec)) else None
     if fmt is None:
@@ -41,7 +42,7 @@ def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
     else:
         source = f"{spec}{':' + cfg.hub_config if cfg.hub_config else ''}::{cfg.hub_splits.get(split, split)}"
     fields = [*cfg.text_fields, cfg.label_field]
-    texts, labels = [], []
+    texts, labels, rows = [], [], []
     for row, record in iter_records(source, fmt, fields):
         if cfg.label_field not in record or record[cfg.label_field] in (None, ""):
             raise UserError(f"{spec} row {row}: no label field '{cfg.label_field}' "
@@ -51,9 +52,10 @@ def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
             raise UserError(f"{spec} row {row}: empty text in field(s) {', '.join(cfg.text_fields)}")
         texts.append(item)
         labels.append(record[cfg.label_field])
+        rows.append(row)
     if not texts:
         raise UserError(f"{spec}: no examples")
-    return Split(texts, labels, spec)
+    return Split(texts, labels, spec, rows)
 
 
 def label_vocabulary(labels: list) -> list:
@@ -68,12 +70,18 @@ def encode_labels(split: Split, vocab: list) -> np.ndarray:
     index = {label: i for i, label in enumerate(vocab)}
     numeric = isinstance(vocab[0], int)
     out = np.empty(len(split.labels), dtype=np.int64)
-    for row, label in enumerate(split.labels, 1):
-        key = int(label) if numeric and isinstance(label, (int, np.integer)) else (label if numeric else str(label))
+    for i, label in enumerate(split.labels):
+        key = str(label)
+        if numeric:  # ints from jsonl/parquet and "0" from csv name the same class
+            try:
+                key = int(label)
+            except (TypeError, ValueError):
+                pass
         if key not in index:
+            row = split.rows[i] if split.rows else i + 1
             raise UserError(f"{split.source} row {row}: label {label!r} is not among the training labels "
                             f"({', '.join(map(str, vocab))})")
-        out[row - 1] = index[key]
+        out[i] = index[key]
     return out
 
 
@@ -93,7 +101,8 @@ def stratified_indices(labels: np.ndarray, seed: int, *, fraction: Optional[floa
 
 
 def subset(split: Split, idx: np.ndarray) -> Split:
-    return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], split.source)
+    rows = [split.rows[i] for i in idx] if split.rows else None
+    return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], split.source, rows)
 
 
 def load_task(cfg: ClassificationDataConfig, seed: int, log=print):
