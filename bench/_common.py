@@ -124,12 +124,25 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {ram}"
 
 
+def git_state() -> str:
+    """HEAD of the repo, and whether trainer/ differs from it (other people edit it concurrently)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer", "launch", "configs"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (" + uncommitted changes in trainer/launch/configs" if dirty else "")
+
+
 def header(title: str) -> None:
     import torch
     import transformers
     print(f"== {title}")
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine()}")
+    print(f"code: {git_state()}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torch threads {torch.get_num_threads()}")
 

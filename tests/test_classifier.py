@@ -175,8 +175,8 @@ def test_freeze_encoder_trains_head_only():
     model = make(HeadConfig(freeze_encoder=True), TextConfig(strategy="hierarchical", max_len=32,
                                                              chunk_pool="attention"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith(("classifier.", "chunk_scorer.")) for n in trainable)
-    assert {n.split(".")[0] for n in trainable} == {"classifier", "chunk_scorer"}
+    assert trainable and all(n.startswith(("heads.default.classifier.", "heads.default.chunk_scorer.")) for n in trainable)
+    assert {n.split(".")[2] for n in trainable} == {"classifier", "chunk_scorer"}
     model.train()
     x = inputs()
     loss, _ = model(**x, labels=torch.tensor([0, 1, 2]), doc_index=torch.tensor([0, 1, 2]))

@@ -66,7 +66,7 @@ def expected_depth(name: str) -> int:
     m = BLOCK_RE.match(name)
     if m:
         return int(m.group(1)) + 1
-    assert name.startswith(("encoder.pooler.", "classifier.", "chunk_scorer.")), name
+    assert name.startswith(("encoder.pooler.", "heads.")), name
     return L + 1
 
 
@@ -88,7 +88,7 @@ def test_depths_and_scales(arch):
             assert scale(name) == pytest.approx(XI ** (L - d)) and part(name) == f"layer_{d}"
         else:
             assert scale(name) == 1.0 and part(name) == "head"
-    assert scale("classifier.weight") == 1.0
+    assert scale("heads.default.classifier.weight") == 1.0
     if arch in ("bert", "roberta"):  # (ELECTRA and DistilBERT have no pooler)
         assert scale("encoder.pooler.dense.weight") == 1.0
 

@@ -17,6 +17,7 @@ from .config import HeadConfig, TextConfig
 from .errors import UserError
 
 RECIPE_FILE = "bert_recipe.json"
+SINGLE = "default"  # the head name of a single-task model
 
 
 def resolve_layers(spec, num_layers: int) -> list[int]:
@@ -61,24 +62,59 @@ def pool_chunks(features: torch.Tensor, doc_index: torch.Tensor, num_docs: int, 
 
 
 @contextlib.contextmanager
-def _throwaway_model():
-    """Build a model on one rank only to learn its layout: on the meta device (no memory) and without
-    DeepSpeed ZeRO-3's partitioned construction, which is a collective and would hang the other ranks."""
+def plain_init():
+    """Construct models whole, without DeepSpeed ZeRO-3's partitioned construction (which transformers switches
+    on whenever a ZeRO-3 config exists): it is a collective, so a model built on one rank only would hang the
+    others, and a partitioned model cannot take a state dict. DeepSpeed partitions the model in prepare()."""
     from transformers.integrations import deepspeed as hf_ds
     ref = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:
-        with torch.device("meta"):
-            yield
+        yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-class Classifier(nn.Module):
-    def __init__(self, encoder: nn.Module, num_labels: int, head: HeadConfig, text: TextConfig):
+@contextlib.contextmanager
+def _throwaway_model():
+    """A model built on one rank only to learn its layout: plain and on the meta device (no memory)."""
+    with plain_init(), torch.device("meta"):
+        yield
+
+
+class TaskHead(nn.Module):
+    """One task's head: (chunk pooling) → dropout → linear. Hierarchy and chunk pooling are per task."""
+
+    def __init__(self, width: int, num_labels: int, dropout: float, text: TextConfig, init_range: float):
         super().__init__()
+        self.text_cfg = text
+        self.hierarchical = text.strategy == "hierarchical"
+        self.chunk_scorer = nn.Linear(width, 1) if self.hierarchical and text.chunk_pool == "attention" else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(width, num_labels)
+        for lin in (self.classifier, self.chunk_scorer):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=init_range)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, feats, labels=None, doc_index=None):
+        if doc_index is not None:
+            num_docs = labels.shape[0] if labels is not None else int(doc_index.max()) + 1
+            feats = pool_chunks(feats, doc_index, num_docs, self.text_cfg.chunk_pool, self.chunk_scorer)
+        logits = self.classifier(self.dropout(feats))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return loss, logits
+
+
+class Classifier(nn.Module):
+    """A shared encoder and one head per task (`tasks`: {name: (num_labels, TextConfig)}); a single-task model
+    is the same with one head. `forward(..., task=name)` runs the encoder and that task's head."""
+
+    def __init__(self, encoder: nn.Module, num_labels, head: HeadConfig, text: TextConfig = None):
+        super().__init__()
+        tasks = num_labels if isinstance(num_labels, dict) else {SINGLE: (num_labels, text)}
         self.encoder = encoder
-        self.head_cfg, self.text_cfg = head, text
+        self.head_cfg = head
         conf = encoder.config
         self.num_layers = conf.num_hidden_layers
         self.layers = resolve_layers(head.layers, self.num_layers)
@@ -87,21 +123,36 @@ class Classifier(nn.Module):
             encoder.pooler = None  # unused parameters would break DDP and waste optimizer state
         self.use_token_types = getattr(conf, "type_vocab_size", 0) > 1
         width = conf.hidden_size * (len(self.layers) if head.layer_pool == "concat" else 1)
-        self.hierarchical = text.strategy == "hierarchical"
-        self.chunk_scorer = nn.Linear(width, 1) if self.hierarchical and text.chunk_pool == "attention" else None
-        self.dropout = nn.Dropout(head.dropout)
-        self.classifier = nn.Linear(width, num_labels)
         init_range = getattr(conf, "initializer_range", 0.02)
-        for lin in (self.classifier, self.chunk_scorer):
-            if lin is not None:
-                nn.init.normal_(lin.weight, std=init_range)
-                nn.init.zeros_(lin.bias)
+        self.heads = nn.ModuleDict({name: TaskHead(width, n, head.dropout, tcfg, init_range)
+                                    for name, (n, tcfg) in tasks.items()})
         if head.freeze_encoder:
             encoder.requires_grad_(False)
 
     @property
     def config(self):  # accelerate sizes DeepSpeed buckets from model.config.hidden_size
         return self.encoder.config
+
+    def _only_head(self) -> TaskHead:
+        if len(self.heads) != 1:
+            raise AttributeError("a multi-task model has one head per task: use model.heads[name]")
+        return next(iter(self.heads.values()))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self._only_head().classifier
+
+    @property
+    def chunk_scorer(self):
+        return self._only_head().chunk_scorer
+
+    @property
+    def text_cfg(self) -> TextConfig:
+        return self._only_head().text_cfg
+
+    @property
+    def hierarchical(self) -> bool:
+        return self._only_head().hierarchical
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         all_layers = not (self.layers == [self.num_layers])
@@ -118,30 +169,33 @@ class Classifier(nn.Module):
         stacked = torch.stack(cls)
         return stacked.mean(0) if self.head_cfg.layer_pool == "mean" else stacked.max(0).values
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, doc_index=None):
-        feats = self.features(input_ids, attention_mask, token_type_ids)
-        if doc_index is not None:
-            num_docs = labels.shape[0] if labels is not None else int(doc_index.max()) + 1
-            feats = pool_chunks(feats, doc_index, num_docs, self.text_cfg.chunk_pool, self.chunk_scorer)
-        logits = self.classifier(self.dropout(feats))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return loss, logits
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, doc_index=None, task=None):
+        head = self.heads[task] if task is not None else self._only_head()
+        return head(self.features(input_ids, attention_mask, token_type_ids), labels, doc_index)
 
     # ------------------------------------------------------------------ export / load
-    def is_standard(self) -> bool:
-        return self.use_pooler and not self.hierarchical
+    def task_state_dict(self, state_dict: dict, task: str) -> dict:
+        """One task's standalone weights: the encoder and that task's head, named as a single-task model."""
+        prefix = f"heads.{task}."
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()
+                if not k.startswith("heads.") or k.startswith(prefix)}
 
-    def save(self, target: Path, state_dict: dict, tokenizer, labels: list, text_fields: list) -> None:
-        """Write `target` (a fresh dir). `state_dict` is the consolidated one (ZeRO-3 gathers it)."""
+    def save(self, target: Path, state_dict: dict, tokenizer, labels: list, text_fields: list,
+             task: str = None) -> None:
+        """Write one task's model to `target` (a fresh dir). `state_dict`: the consolidated one (ZeRO-3 gathers
+        it). The standard head is written as the model type's own `…ForSequenceClassification`."""
         from transformers import AutoModelForSequenceClassification
+        task = task or next(iter(self.heads))
+        head = self.heads[task]
+        state_dict = self.task_state_dict(state_dict, task)
         target.mkdir(parents=True)
         conf = self.encoder.config
         conf.id2label = {i: str(lab) for i, lab in enumerate(labels)}
         conf.label2id = {str(lab): i for i, lab in enumerate(labels)}
         recipe = {"labels": labels, "text_fields": list(text_fields), "head": vars(self.head_cfg),
-                  "text": vars(self.text_cfg), "format": "recipe"}
+                  "text": vars(head.text_cfg), "format": "recipe"}
         hf = None
-        if self.is_standard():
+        if self.use_pooler and not head.hierarchical:
             with _throwaway_model():
                 hf = AutoModelForSequenceClassification.from_config(conf)
             prefix = self.encoder.base_model_prefix
@@ -161,22 +215,26 @@ class Classifier(nn.Module):
         (target / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, default=str))
         tokenizer.save_pretrained(str(target))
 
+    def is_standard(self) -> bool:
+        return self.use_pooler and not self._only_head().hierarchical
+
     @classmethod
-    def from_pretrained(cls, path) -> tuple["Classifier", dict]:
-        """→ (model, recipe: {labels, head, text})."""
+    def from_pretrained(cls, path, encoder: nn.Module = None) -> tuple["Classifier", dict]:
+        """→ (single-task model, recipe: {labels, text_fields, head, text}). `encoder`: an already built one
+        (e.g. created under ZeRO-3) to load the weights into."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
         path = Path(path)
         if not (path / RECIPE_FILE).is_file():
             raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
         recipe = json.loads((path / RECIPE_FILE).read_text())
-        conf = AutoConfig.from_pretrained(str(path))
-        model = cls(AutoModel.from_config(conf), len(recipe["labels"]), HeadConfig(**recipe["head"]),
-                    TextConfig(**recipe["text"]))
+        encoder = encoder or AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+        model = cls(encoder, len(recipe["labels"]), HeadConfig(**recipe["head"]), TextConfig(**recipe["text"]))
         state = load_file(str(path / "model.safetensors"))
         if recipe["format"] == "hf":
             prefix = model.encoder.base_model_prefix + "."
             state = {("encoder." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+        state = {(k if k.startswith("encoder.") else f"heads.{SINGLE}.{k}"): v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

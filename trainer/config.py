@@ -148,6 +148,20 @@ class PretrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One task of a multi-task run: its own data, label set and long-text strategy; the encoder is shared."""
+    name: str = ""
+    data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class MultitaskConfig:
+    sampling: str = "proportional"  # proportional (paper's code) | uniform | temperature (p ∝ size^alpha)
+    alpha: float = 0.5
+
+
+@dataclass
 class FinetuneConfig:
     output_dir: str = "runs/finetune"
     seed: int = 42
@@ -160,10 +174,12 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tasks: list = field(default_factory=list)  # list[TaskConfig]: several → multi-task (then data/text unused)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
 # list fields whose items are themselves typed sections
-_LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource}
+_LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource, (FinetuneConfig, "tasks"): TaskConfig}
 
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp16"),
@@ -177,6 +193,7 @@ CHOICES = {
     "text.strategy": ("head", "tail", "head_tail", "hierarchical"),
     "text.chunk_pool": ("mean", "max", "attention"),
     "head.layer_pool": ("concat", "mean", "max"),
+    "multitask.sampling": ("proportional", "uniform", "temperature"),
 }
 
 
@@ -238,9 +255,10 @@ def build(cls, data: Any, prefix: str = ""):
 
 
 def _check_choices(obj, prefix: str) -> None:
-    generic = prefix.split("[")[0].rstrip(".")
+    generic = re.sub(r"\[\d+\]", "", prefix).rstrip(".")
     for f in dataclasses.fields(obj):
-        allowed = CHOICES.get(f"{generic}.{f.name}".lstrip("."))
+        key = f"{generic}.{f.name}".lstrip(".")
+        allowed = CHOICES.get(key) or CHOICES.get(key.removeprefix("tasks."))  # a task's data/text as the top ones
         value = getattr(obj, f.name)
         if allowed and value not in allowed:
             raise UserError(f"config key '{prefix}{f.name}' must be one of {', '.join(allowed)}; got {value!r}")
@@ -302,7 +320,8 @@ def describe(cls, prefix: str = "") -> list[str]:
         lines.append(f"  {prefix}{f.name} = {default!r}  ({_type_name(tp)})")
         if item_cls is not None:
             lines += [f"  {ln.strip()}" for ln in describe(item_cls, f"{prefix}{f.name}[i].")]
-        choices = CHOICES.get(re.sub(r"\[i\]", "", prefix) + f.name)
+        key = re.sub(r"\[i\]", "", prefix) + f.name
+        choices = CHOICES.get(key) or CHOICES.get(key.removeprefix("tasks."))
         if choices:
             lines[-1] += f"  one of: {', '.join(choices)}"
     return lines

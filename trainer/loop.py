@@ -32,8 +32,8 @@ class Job:
     export: Callable[[object, torch.nn.Module], None]  # (accelerator, model) → final HF export
     tokens: Callable[[dict], torch.Tensor] = lambda b: b["attention_mask"].sum()
     flops_per_token: Optional[float] = None
-    # fine-tuning: model → dev metrics (collective); the loop keeps the best-on-dev checkpoint and
-    # restores it before `export`, which then evaluates test once
+    # fine-tuning: model → {task: dev metrics} (collective); the loop keeps the checkpoint with the best
+    # `select_metric` averaged over tasks and restores it before `export`, which then evaluates test once
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
     select_metric: str = "accuracy"
 
@@ -91,7 +91,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         while state.step < steps:
             _reseed(cfg.seed, state.step, topo.rank)
             for _ in range(train.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in next(batches).items()}
                 with accelerator.accumulate(model):
                     loss = job.loss(model, batch)
                     accelerator.backward(loss)
@@ -147,8 +148,12 @@ def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState
     with torch.no_grad():
         result = job.evaluate(model)
     model.train()
-    tracker.log({"step": state.step, "split": "dev", **{k: v for k, v in result.items() if k != "confusion_matrix"}})
-    value = result[job.select_metric]
+    for task, metrics in result.items():
+        tracker.log({"step": state.step, "split": "dev", "task": task,
+                     **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+    value = sum(m[job.select_metric] for m in result.values()) / len(result)
+    if len(result) > 1:
+        tracker.log({"step": state.step, "split": "dev", "task": "average", job.select_metric: value})
     if value > state.extra.get("best_metric", float("-inf")):
         state.extra.update(best_metric=value, best_step=state.step)
         checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)

@@ -51,12 +51,14 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
     auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining}[head]
     conf = _auto_config(cfg, tokenizer, **extra)
     conf._attn_implementation = cfg.attn_implementation
+    from .classifier import plain_init
     try:
-        if cfg.name_or_path:
-            model = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=cfg.attn_implementation)
-        else:
-            torch.manual_seed(int(os.environ.get("BERT_RECIPE_INIT_SEED", "0")))
-            model = auto.from_config(conf, attn_implementation=cfg.attn_implementation)
+        with plain_init():  # whole on every rank; DeepSpeed partitions it in prepare()
+            if cfg.name_or_path:
+                model = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=cfg.attn_implementation)
+            else:
+                torch.manual_seed(int(os.environ.get("BERT_RECIPE_INIT_SEED", "0")))
+                model = auto.from_config(conf, attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -65,7 +65,7 @@ class Tracker:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            prefix = f"{record['split']}/" if "split" in record else ""
+            prefix = "/".join(record[k] for k in ("split", "task") if k in record) + "/" if "split" in record else ""
             flat = {prefix + k: v for k, v in record.items() if k not in ("lr", "step") and isinstance(v, (int, float))}
             flat.update({f"lr/group_{i}": lr for i, lr in enumerate(record.get("lr", []))})
             self.wandb_run.log(flat, step=record["step"])

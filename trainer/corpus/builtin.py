@@ -51,15 +51,31 @@ def grammar_documents(n_docs: int = 4000, seed: int = 1234):
         yield " ".join(_sentence(rng, topic) for _ in range(rng.randint(2, 12)))
 
 
-def topic_examples(split: str):
-    """builtin:topics — the grammar's documents labelled by topic (5 classes), disjoint seeded splits."""
+_VERDICTS = {"positive": ["it was wonderful.", "we loved every minute.", "truly a great day.", "highly recommended."],
+             "negative": ["it was awful.", "we hated every minute.", "truly a terrible day.", "never again."]}
+
+
+def labelled_examples(name: str, split: str):
+    """Builtin classification tasks on the grammar's documents (disjoint seeded splits):
+    topics — 5 classes (the document's topic); polarity — 2 (verdict sentences mixed in);
+    length — 3 (short 1-3, medium 4-7, long 8-12 sentences)."""
     sizes = {"train": (2000, 11), "dev": (300, 12), "test": (500, 13)}
     n, seed = sizes[split]
-    rng = random.Random(seed)
+    rng = random.Random(seed + 100 * ("topics", "polarity", "length").index(name))
     topics = sorted(_TOPICS)
     for _ in range(n):
         topic = rng.choice(topics)
-        yield " ".join(_sentence(rng, topic) for _ in range(rng.randint(1, 12))), topic
+        count = rng.randint(1, 12)
+        sentences = [_sentence(rng, topic) for _ in range(count)]
+        if name == "topics":
+            yield " ".join(sentences), topic
+        elif name == "polarity":
+            label = rng.choice(sorted(_VERDICTS))
+            for _ in range(rng.randint(1, 2)):
+                sentences.insert(rng.randint(0, len(sentences)), rng.choice(_VERDICTS[label]))
+            yield " ".join(sentences), label
+        else:
+            yield " ".join(sentences), "short" if count <= 3 else "medium" if count <= 7 else "long"
 
 
 def builtin_documents(name: str):

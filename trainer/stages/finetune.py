@@ -1,26 +1,55 @@
 """Fine-tuning for classification with the paper's strategies: truncation / hierarchy, layer choice and pooling,
-layer-wise decayed learning rates, schedules, few-shot, frozen-feature baseline. Best-on-dev, test once."""
+layer-wise decayed learning rates, schedules, few-shot, frozen-feature baseline. Best-on-dev, test once.
+
+With several `tasks` it is multi-task fine-tuning (MFiT): one shared encoder, a head per task; every optimizer
+step draws one task — from (seed, step) only, so every rank runs the same head (under ZeRO-3 a rank running
+another head would hang the collectives) and a resumed run draws the same sequence."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import loop
-from ..classifier import Classifier
-from ..config import FinetuneConfig, to_dict
+from ..classifier import RECIPE_FILE, SINGLE, Classifier, plain_init
+from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig, to_dict
 from ..distributed import make_accelerator
 from ..errors import UserError
 from ..metrics import classification_metrics
-from ..model import load_tokenizer, max_positions
+from ..model import _auto_config, load_tokenizer, max_positions
 from ..optim.layer_decay import layer_decay_scales
 from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
 from ..text import truncation
 from ..text.batching import Collator, example_lengths, rank_eval_batches, rank_train_batches
 from ..text.data import load_task
 from .common import prepare_output_dir, save_resolved_config
+
+
+@dataclass
+class Task:
+    name: str
+    data: ClassificationDataConfig
+    text: TextConfig
+    vocab: list = None
+    encoded: dict = None  # split → encoded examples
+    lengths: dict = None
+    labels: dict = None
+    collate: Collator = None
+
+
+def tasks_of(cfg: FinetuneConfig) -> list[Task]:
+    if not cfg.tasks:
+        return [Task(SINGLE, cfg.data, cfg.text)]
+    if cfg.data.train:
+        raise UserError("set either data (one task) or tasks (multi-task), not both")
+    names = [t.name for t in cfg.tasks]
+    if any(not n or not n.replace("_", "").replace("-", "").isalnum() for n in names) or len(set(names)) != len(names):
+        raise UserError(f"tasks need distinct names of letters, digits, - and _; got {names}")
+    return [Task(t.name, t.data, t.text) for t in cfg.tasks]
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -35,25 +64,61 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {cfg.train.max_steps}")
     if not 0 <= cfg.head.dropout < 1:
         raise UserError(f"head.dropout must be in [0, 1), got {cfg.head.dropout}")
+    if cfg.multitask.sampling == "temperature" and not 0 <= cfg.multitask.alpha <= 1:
+        raise UserError(f"multitask.alpha must be in [0, 1], got {cfg.multitask.alpha}")
 
 
-def build_encoder(cfg: FinetuneConfig, tokenizer):
-    """The encoder alone (no MLM/classification head): from a checkpoint, or random init from `model.config`."""
+def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier:
+    """A fresh classifier on an encoder checkpoint (or random init), or — when `model.name_or_path` is a
+    classifier this trainer exported (e.g. a task of a multi-task run) — that classifier, head included.
+
+    Built whole on every rank (no ZeRO-3 partitioned construction): DeepSpeed partitions it in prepare()."""
     from transformers import AutoModel
-    from ..model import _auto_config
-    conf = _auto_config(cfg.model, tokenizer)
-    try:
-        if cfg.model.name_or_path:
-            return AutoModel.from_pretrained(cfg.model.name_or_path, config=conf,
-                                             attn_implementation=cfg.model.attn_implementation)
-        torch.manual_seed(cfg.seed)
-        return AutoModel.from_config(conf, attn_implementation=cfg.model.attn_implementation)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load encoder '{cfg.model.name_or_path}': {str(exc).splitlines()[0]}") from None
+    path = cfg.model.name_or_path
+    with plain_init():
+        if path and (Path(path) / RECIPE_FILE).is_file():
+            if len(tasks) != 1:
+                raise UserError(f"{path} is a single-task classifier; multi-task runs start from an encoder")
+            model, recipe = Classifier.from_pretrained(path)
+            if [str(x) for x in recipe["labels"]] != [str(x) for x in tasks[0].vocab]:
+                raise UserError(f"{path} was trained on labels {recipe['labels']}, this task has {tasks[0].vocab}")
+            for key in ("layers", "layer_pool", "pooler"):
+                if recipe["head"][key] != getattr(cfg.head, key):
+                    raise UserError(f"head.{key}={getattr(cfg.head, key)!r} differs from the model in {path} "
+                                    f"({recipe['head'][key]!r})")
+            head = model.heads[SINGLE]
+            head.text_cfg, head.hierarchical = tasks[0].text, tasks[0].text.strategy == "hierarchical"
+            head.dropout.p = cfg.head.dropout
+            if cfg.head.freeze_encoder:
+                model.encoder.requires_grad_(False)
+            return model
+        conf = _auto_config(cfg.model, tokenizer)
+        try:
+            if path:
+                encoder = AutoModel.from_pretrained(path, config=conf, attn_implementation=cfg.model.attn_implementation)
+            else:
+                torch.manual_seed(cfg.seed)
+                encoder = AutoModel.from_config(conf, attn_implementation=cfg.model.attn_implementation)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load encoder '{path}': {str(exc).splitlines()[0]}") from None
+    return Classifier(encoder, {t.name: (len(t.vocab), t.text) for t in tasks}, cfg.head)
+
+
+def task_probabilities(tasks: list[Task], cfg: FinetuneConfig) -> np.ndarray:
+    sizes = np.array([len(t.encoded["train"]) for t in tasks], dtype=float)
+    alpha = {"proportional": 1.0, "uniform": 0.0, "temperature": cfg.multitask.alpha}[cfg.multitask.sampling]
+    weights = sizes ** alpha
+    return weights / weights.sum()
+
+
+def task_of_step(seed: int, step: int, probs: np.ndarray) -> int:
+    """The task of optimizer step `step`: a function of (seed, step) only — identical on every rank."""
+    return int(np.random.default_rng([seed, step, 99]).choice(len(probs), p=probs))
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> Path:
     validate(cfg)
+    tasks = tasks_of(cfg)
     out = Path(cfg.output_dir)
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
@@ -61,64 +126,82 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> P
     resume_from = prepare_output_dir(accelerator, out, to_dict(cfg), resume, overwrite)
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, "grammar", _cache_dir())
-    splits, labels, vocab = load_task(cfg.data, cfg.seed, log=accelerator.print)
-    encoder = build_encoder(cfg, tokenizer)
-    truncation.validate(cfg.text, len(cfg.data.text_fields), max_positions(encoder))
-    model = Classifier(encoder, len(vocab), cfg.head, cfg.text)
+    for t in tasks:
+        splits, t.labels, t.vocab = load_task(t.data, cfg.seed, log=accelerator.print)
+        truncation.validate(t.text, len(t.data.text_fields), 10**9)
+        encoder = truncation.Encoder(tokenizer, t.text)
+        t.encoded = {name: encoder.encode(split.texts) for name, split in splits.items()}
+        t.lengths = {name: example_lengths(enc) for name, enc in t.encoded.items()}
+        t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical")
+        accelerator.print(f"{t.name if cfg.tasks else 'task'}: " +
+                          " · ".join(f"{n} {len(e)}" for n, e in t.encoded.items()) + f" · labels {t.vocab}")
+    model = build_model(cfg, tokenizer, tasks)
+    for t in tasks:
+        truncation.validate(t.text, len(t.data.text_fields), max_positions(model.encoder))
     if cfg.model.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     save_resolved_config(accelerator, out, to_dict(cfg))
 
-    text_encoder = truncation.Encoder(tokenizer, cfg.text)
-    encoded = {name: text_encoder.encode(split.texts) for name, split in splits.items()}
-    lengths = {name: example_lengths(enc) for name, enc in encoded.items()}
-    collate = Collator(tokenizer.pad_token_id, cfg.text.strategy == "hierarchical")
-    accelerator.print(" · ".join(f"{name}: {len(enc)} examples" for name, enc in encoded.items()) +
-                      f" · labels: {vocab}")
+    g = cfg.train.micro_batch_size * topo.world_size
+    probs = task_probabilities(tasks, cfg)
 
     def batches(start: int):
-        for idx in rank_train_batches(lengths["train"], cfg.train.micro_batch_size, topo.world_size, topo.rank,
-                                      cfg.seed, start):
-            yield collate([encoded["train"][i] for i in idx], labels["train"][idx])
+        samples_per_step = g * cfg.train.grad_accum
+        step = start // samples_per_step
+        done = np.bincount([task_of_step(cfg.seed, s, probs) for s in range(step)] if len(tasks) > 1 else
+                           np.zeros(step, dtype=int), minlength=len(tasks))
+        streams = [rank_train_batches(t.lengths["train"], cfg.train.micro_batch_size, topo.world_size, topo.rank,
+                                      cfg.seed + i, int(done[i]) * samples_per_step) for i, t in enumerate(tasks)]
+        while True:
+            i = task_of_step(cfg.seed, step, probs) if len(tasks) > 1 else 0
+            t = tasks[i]
+            for _ in range(cfg.train.grad_accum):
+                idx = next(streams[i])
+                yield {**t.collate([t.encoded["train"][j] for j in idx], t.labels["train"][idx]), "task": t.name}
+            step += 1
 
-    def predict(model, split: str) -> np.ndarray:
+    def predict(model, t: Task, split: str) -> np.ndarray:
         """Logits for every example of `split`, gathered from all ranks (each rank runs equal batch counts)."""
         chunks = []
-        for idx, valid in rank_eval_batches(lengths[split], cfg.data.eval_batch_size, topo.world_size, topo.rank):
-            batch = collate([encoded[split][i] for i in idx], labels[split][idx])
+        for idx, valid in rank_eval_batches(t.lengths[split], t.data.eval_batch_size, topo.world_size, topo.rank):
+            batch = t.collate([t.encoded[split][i] for i in idx], t.labels[split][idx])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            _, logits = model(**batch)
+            _, logits = model(**batch, task=t.name)
             keep = torch.as_tensor(valid, device=accelerator.device)
             packed = torch.cat([torch.as_tensor(idx, device=accelerator.device).unsqueeze(1).float(),
                                 keep.unsqueeze(1).float(), logits.float()], dim=1)
             chunks.append(accelerator.gather(packed).cpu())
         table = torch.cat(chunks)
         table = table[table[:, 1] > 0]
-        logits = torch.empty((len(labels[split]), len(vocab)))
+        logits = torch.empty((len(t.labels[split]), len(t.vocab)))
         logits[table[:, 0].long()] = table[:, 2:]
         return logits.numpy()
 
-    def evaluate_split(model, split: str) -> dict:
-        return classification_metrics(predict(model, split).argmax(-1), labels[split], len(vocab))
+    def evaluate(model, split: str = "dev") -> dict:
+        return {t.name: classification_metrics(predict(model, t, split).argmax(-1), t.labels[split], len(t.vocab))
+                for t in tasks if split in t.encoded}
 
     def export(acc, trained):
         trained.eval()
         with torch.no_grad():
-            results = {split: evaluate_split(trained, split) for split in encoded if split != "train"}
+            results = {t.name: {s: evaluate(trained, s)[t.name] for s in t.encoded if s != "train"} for t in tasks}
         state_dict = acc.get_state_dict(trained)
         if acc.is_main_process:
-            (out / "eval_results.json").write_text(json.dumps(results, indent=1))
-            for split, r in results.items():
-                acc.print(f"{split}: accuracy {r['accuracy']:.4f} · error {r['error_rate']:.4f} · "
-                          f"macro-F1 {r['macro_f1']:.4f} ({r['n']} examples)")
-            _export_atomically(acc.unwrap_model(trained), out / "hf_model", state_dict, tokenizer, vocab,
-                               cfg.data.text_fields)
+            single = not cfg.tasks
+            (out / "eval_results.json").write_text(json.dumps(results[SINGLE] if single else results, indent=1))
+            for t in tasks:
+                for split, r in results[t.name].items():
+                    acc.print(f"{'' if single else t.name + ' '}{split}: accuracy {r['accuracy']:.4f} · "
+                              f"error {r['error_rate']:.4f} · macro-F1 {r['macro_f1']:.4f} ({r['n']} examples)")
+                target = out / "hf_model" if single else out / "tasks" / t.name / "hf_model"
+                _export_atomically(acc.unwrap_model(trained), target, state_dict, tokenizer, t, cfg.data.text_fields
+                                   if single else t.data.text_fields)
         acc.wait_for_everyone()
 
     if cfg.optim.layer_decay < 1 and not cfg.head.freeze_encoder:
-        scale, part = layer_decay_scales(model, encoder, cfg.optim.layer_decay)
+        scale, part = layer_decay_scales(model, model.encoder, cfg.optim.layer_decay)
     else:
-        scale, part = None, layer_decay_scales(model, encoder, 1.0)[1]
+        scale, part = None, layer_decay_scales(model, model.encoder, 1.0)[1]
     groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, lr_scale=scale, part=part)
     if not groups:
         raise UserError("no trainable parameters")
@@ -130,11 +213,12 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> P
         return model(**batch)[0]
 
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
-                   samples_per_epoch=len(encoded["train"]), export=export,
-                   evaluate=lambda m: evaluate_split(m, "dev"))
+                   samples_per_epoch=sum(len(t.encoded["train"]) for t in tasks), export=export,
+                   evaluate=evaluate)
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
     if loop.run(job, loop_cfg, accelerator, topo, resume_from):
-        accelerator.print(f"eval results: {out / 'eval_results.json'}\nmodel: {out / 'hf_model'}")
+        where = out / "hf_model" if not cfg.tasks else out / "tasks" / "<task>" / "hf_model"
+        accelerator.print(f"eval results: {out / 'eval_results.json'}\nmodel: {where}")
     accelerator.end_training()
     return out
 
@@ -144,12 +228,12 @@ def _cache_dir():
     return default_cache_dir()
 
 
-def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, vocab: list,
+def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task,
                        text_fields: list) -> None:
-    import shutil
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, state_dict, tokenizer, vocab, text_fields)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save(tmp, state_dict, tokenizer, task.vocab, text_fields, task=task.name)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

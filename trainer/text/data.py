@@ -11,7 +11,9 @@ from typing import Optional
 import numpy as np
 
 from ..config import ClassificationDataConfig
-from ..corpus.builtin import BUILTIN_PREFIX, topic_examples
+from ..corpus.builtin import BUILTIN_PREFIX, labelled_examples
+
+BUILTIN_TASKS = ("builtin:topics", "builtin:polarity", "builtin:length")
 from ..corpus.sources import _field, _looks_like_hub_name, file_format, iter_records
 from ..errors import UserError
 
@@ -26,9 +28,9 @@ class Split:
 
 def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
     if spec.startswith(BUILTIN_PREFIX):
-        if spec != "builtin:topics":
-            raise UserError(f"unknown builtin dataset '{spec}' (known: builtin:topics)")
-        pairs = list(topic_examples(split))
+        if spec not in BUILTIN_TASKS:
+            raise UserError(f"unknown builtin dataset '{spec}' (known: {', '.join(BUILTIN_TASKS)})")
+        pairs = list(labelled_examples(spec[len(BUILTIN_PREFIX):], split))
         return Split([(t,) for t, _ in pairs], [lab for _, lab in pairs], spec, list(range(1, len(pairs) + 1)))
     exists = os.path.exists(spec)
     fmt = "hub" if cfg.format == "hub" or (not exists and cfg.format == "auto" and _looks_like_hub_name(spec)) else None

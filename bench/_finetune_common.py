@@ -1,0 +1,141 @@
+"""Helpers for the fine-tuning benchmarks (finetune_trec.py, finetune_imdb.py): waiting for a quiet machine,
+running the trainer as a subprocess, and turning its per-step metrics.jsonl windows into training time.
+
+Timing rule used by both benchmarks (ours and the plain loop alike): every optimizer step is timed on its own —
+from the end of the previous step to the end of this one, so fetching/collating the batch is included — and
+the figure is Σ examples / Σ seconds over the kept steps. Dropped on both sides: the first `warmup` steps
+(allocator / thread-pool warm-up) and the first step after each dev evaluation (in the trainer that step's
+window also holds the evaluation and the best-checkpoint save). Start-up, tokenization, evaluation, the final
+checkpoint and the export are outside every kept step on both sides.
+
+For the trainer the step times come from metrics.jsonl with `train.log_every=1`: one line per step holding
+`tokens_per_second` = real (non-pad) tokens of the step ÷ the step's wall time, so step time = tokens ÷ that
+rate, with the step's tokens recomputed from the very batches the stage builds (same tokenizer, truncation,
+length-grouped batching; see `trainer_step_tokens`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import _common as C
+
+QUIET_MAX_S = 15 * 60
+QUIET_POLL_S = 30
+
+
+def _own_lineage() -> set[int]:
+    """This process, its ancestors and its descendants (never counted as 'other' load)."""
+    import psutil
+    me = psutil.Process()
+    pids = {me.pid, *(p.pid for p in me.parents()), *(p.pid for p in me.children(recursive=True))}
+    return pids
+
+
+def busy_processes() -> list[str]:
+    """Other pytest or bench/ python processes running now (not ours)."""
+    import psutil
+    mine = _own_lineage()
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] in mine:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "python" not in cmd:
+            continue
+        if "pytest" in cmd or "bench/" in cmd:
+            out.append(f"{p.info['pid']}: {cmd[:160]}")
+    return out
+
+
+def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S) -> str:
+    """Sleep (poll_s at a time, at most max_s) while other pytest / bench python processes run. → what happened."""
+    t0 = time.time()
+    waited = False
+    while True:
+        busy = busy_processes()
+        if not busy:
+            return f"machine quiet after waiting {time.time() - t0:.0f} s" if waited else "machine quiet"
+        if time.time() - t0 >= max_s:
+            return (f"WARNING: still busy after {max_s:.0f} s, measuring anyway; other processes: "
+                    + " | ".join(busy))
+        if not waited:
+            print("waiting for a quiet machine; busy: " + " | ".join(busy), flush=True)
+        waited = True
+        time.sleep(poll_s)
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), WANDB_MODE="disabled",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    return env
+
+
+def run_cmd(cmd: list[str], threads: int, what: str, log: Optional[Path] = None) -> tuple[float, str]:
+    """Run a subprocess in the repo root; → (wall seconds, stdout). Exits with its stderr tail on failure."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=C.REPO)
+    wall = time.perf_counter() - t0
+    if log is not None:
+        log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    if p.returncode != 0:
+        sys.exit(f"{what} failed (rc {p.returncode}):\n{p.stderr[-4000:]}")
+    return wall, p.stdout
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """→ (train records, dev records) of metrics.jsonl."""
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in recs if "split" not in r], [r for r in recs if r.get("split") == "dev"]
+
+
+def trainer_step_tokens(cfg, steps: int) -> list[int]:
+    """Real tokens of each of the first `steps` micro-batches the finetune stage feeds rank 0 of 1
+    (same tokenizer, truncation, lengths and length-grouped batching as trainer/stages/finetune.py)."""
+    from trainer.model import load_tokenizer
+    from trainer.text import truncation
+    from trainer.text.batching import example_lengths, rank_train_batches
+    from trainer.text.data import load_task
+    tokenizer = load_tokenizer(cfg.model, "grammar", C.cache_dir())
+    splits, _, _ = load_task(cfg.data, cfg.seed, log=lambda *a: None)
+    lengths = example_lengths(truncation.Encoder(tokenizer, cfg.text).encode(splits["train"].texts))
+    out = []
+    for idx in rank_train_batches(lengths, cfg.train.micro_batch_size, 1, 0, cfg.seed, 0):
+        out.append(int(lengths[idx].sum()))
+        if len(out) == steps:
+            break
+    return out
+
+
+def trainer_step_seconds(train_recs: list[dict], step_tokens: list[int]) -> list[float]:
+    """Per-step wall seconds from log_every=1 metrics lines."""
+    steps = [r["step"] for r in train_recs]
+    if steps != list(range(1, len(step_tokens) + 1)):
+        sys.exit(f"expected one metrics line per step 1..{len(step_tokens)} (train.log_every=1), got steps "
+                 f"{steps[:5]}...{steps[-5:]} ({len(steps)} lines)")
+    return [tok / r["tokens_per_second"] for tok, r in zip(step_tokens, train_recs)]
+
+
+def kept_steps(n_steps: int, steps_per_epoch: int, warmup: int, eval_every: Optional[int] = None) -> list[int]:
+    """0-based indexes of the timed steps: not the first `warmup`, not the first step after a dev evaluation."""
+    every = eval_every or steps_per_epoch
+    after_eval = {k for k in range(every, n_steps, every)}  # 0-based index of step k+1 (1-based) = k
+    return [i for i in range(n_steps) if i >= warmup and i not in after_eval]
+
+
+def rate(examples: list[int], seconds: list[float], keep: list[int]) -> tuple[float, float, int]:
+    """→ (examples/s, seconds, examples) over the kept steps."""
+    ex = sum(examples[i] for i in keep)
+    s = sum(seconds[i] for i in keep)
+    return ex / s, s, ex
+
+
+def fmt_pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
