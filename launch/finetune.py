@@ -16,7 +16,9 @@ from trainer.errors import cli_entry  # noqa: E402
 def main():
     args, cfg = parse_args(FinetuneConfig, __doc__)
     from trainer.stages import finetune
+    from trainer.distributed import shutdown
     finetune.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    shutdown()
 
 
 if __name__ == "__main__":

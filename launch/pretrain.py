@@ -16,7 +16,9 @@ from trainer.errors import cli_entry  # noqa: E402
 def main():
     args, cfg = parse_args(PretrainConfig, __doc__)
     from trainer.stages import pretrain
+    from trainer.distributed import shutdown
     pretrain.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    shutdown()
 
 
 if __name__ == "__main__":

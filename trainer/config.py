@@ -178,8 +178,50 @@ class FinetuneConfig:
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
+@dataclass
+class RecipeStages:
+    """Which stages of the paper's pipeline (Table 6/7) to run, in this order."""
+    fit_baseline: bool = True  # FiT of each task from the starting model (BERT-FiT)
+    further_pretrain: bool = True  # ITPT/IDPT/CDPT on `pretrain.data.corpora` (skipped if none)
+    fit_after_pretrain: bool = True  # FiT from the further pre-trained model (BERT-ITPT-FiT)
+    multitask: bool = True  # MFiT on all tasks (from the pre-trained model when there is one)
+    fit_after_multitask: bool = True  # each task again, alone, from its MFiT model (…-MFiT-FiT)
+    lr_scale_after_multitask: float = 0.5  # "with a lower learning rate" (the paper gives no value)
+
+
+@dataclass
+class RecipePretrain:
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class RecipeFinetune:
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=-1, epochs=3.0, micro_batch_size=24,
+                                                                   save_every=0, keep_last=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+
+
+@dataclass
+class RecipeConfig:
+    """further pre-train → multi-task → per-task fine-tune, each stage in its own subdir of output_dir."""
+    output_dir: str = "runs/recipe"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list = field(default_factory=list)  # list[TaskConfig]
+    stages: RecipeStages = field(default_factory=RecipeStages)
+    pretrain: RecipePretrain = field(default_factory=RecipePretrain)
+    finetune: RecipeFinetune = field(default_factory=RecipeFinetune)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
 # list fields whose items are themselves typed sections
-_LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource, (FinetuneConfig, "tasks"): TaskConfig}
+_LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource, (FinetuneConfig, "tasks"): TaskConfig,
+                    (RecipeConfig, "tasks"): TaskConfig}
 
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp16"),
@@ -254,11 +296,18 @@ def build(cls, data: Any, prefix: str = ""):
     return obj
 
 
+def _generic_key(key: str) -> str:
+    """`tasks.text.strategy` / `finetune.optim.scheduler` / `pretrain.data.corpora.format` → the top-level key."""
+    for section in ("tasks.", "finetune.", "pretrain."):
+        key = key.removeprefix(section)
+    return key
+
+
 def _check_choices(obj, prefix: str) -> None:
     generic = re.sub(r"\[\d+\]", "", prefix).rstrip(".")
     for f in dataclasses.fields(obj):
         key = f"{generic}.{f.name}".lstrip(".")
-        allowed = CHOICES.get(key) or CHOICES.get(key.removeprefix("tasks."))  # a task's data/text as the top ones
+        allowed = CHOICES.get(key) or CHOICES.get(_generic_key(key))
         value = getattr(obj, f.name)
         if allowed and value not in allowed:
             raise UserError(f"config key '{prefix}{f.name}' must be one of {', '.join(allowed)}; got {value!r}")
@@ -321,7 +370,7 @@ def describe(cls, prefix: str = "") -> list[str]:
         if item_cls is not None:
             lines += [f"  {ln.strip()}" for ln in describe(item_cls, f"{prefix}{f.name}[i].")]
         key = re.sub(r"\[i\]", "", prefix) + f.name
-        choices = CHOICES.get(key) or CHOICES.get(key.removeprefix("tasks."))
+        choices = CHOICES.get(key) or CHOICES.get(_generic_key(key))
         if choices:
             lines[-1] += f"  one of: {', '.join(choices)}"
     return lines

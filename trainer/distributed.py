@@ -74,26 +74,37 @@ def fill_deepspeed_config(ds: dict, micro_batch: int, grad_accum: int, max_grad_
     return ds
 
 
-def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_grad_norm: float,
-                     deepspeed_config: Optional[str]):
-    """Return (accelerator, topology). Reads the DS JSON named by the run config or the accelerate config."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DeepSpeedPlugin
-
-    use_ds = bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    ds_path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    ds = load_deepspeed_config(ds_path) if use_ds and ds_path and ds_path != "none" else None
-    if use_ds and "WORLD_SIZE" not in os.environ:  # DeepSpeed in one plain process (no launcher)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-    cpu = not torch.cuda.is_available()
-    if cpu:  # without GPUs accelerate forms no process group (DeepSpeed) or a single-process one (DDP) unless told
+def init_processes(use_ds: bool):
+    """Form the process group (once per process) and check it spans every launched process."""
+    from accelerate import PartialState
+    if not torch.cuda.is_available():  # without GPUs accelerate forms no group (DeepSpeed) or a 1-process one (DDP)
         PartialState(backend="gloo") if use_ds else PartialState(cpu=True)
     state = PartialState()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
         raise UserError(f"launched {launched} processes but the process group has {state.num_processes}; "
                         f"check the accelerate config's distributed_type")
+    return state
+
+
+def uses_deepspeed(deepspeed_config: Optional[str]) -> bool:
+    return bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_grad_norm: float,
+                     deepspeed_config: Optional[str]):
+    """Return (accelerator, topology). Reads the DS JSON named by the run config or the accelerate config."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    use_ds = uses_deepspeed(deepspeed_config)
+    ds_path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    ds = load_deepspeed_config(ds_path) if use_ds and ds_path and ds_path != "none" else None
+    if use_ds and "WORLD_SIZE" not in os.environ:  # DeepSpeed in one plain process (no launcher)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    cpu = not torch.cuda.is_available()
+    state = init_processes(use_ds)
     plugin = None
     zero_stage = 0
     if use_ds:
@@ -108,3 +119,21 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin, cpu=cpu and not use_ds,
                               gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
     return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds)
+
+
+def reset_between_stages() -> None:
+    """Forget the last stage's Accelerator (DeepSpeed plugin, precision, accumulation) but keep the process
+    group, so the next stage of a recipe builds its own in the same processes."""
+    import gc
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def shutdown() -> None:
+    """End of a launch script: tear the process group down cleanly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -116,7 +116,8 @@ def task_of_step(seed: int, step: int, probs: np.ndarray) -> int:
     return int(np.random.default_rng([seed, step, 99]).choice(len(probs), p=probs))
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> bool:
+    """Train (or continue) one fine-tuning run. True when it finished, False when stopped early."""
     validate(cfg)
     tasks = tasks_of(cfg)
     out = Path(cfg.output_dir)
@@ -216,11 +217,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> P
                    samples_per_epoch=sum(len(t.encoded["train"]) for t in tasks), export=export,
                    evaluate=evaluate)
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
-    if loop.run(job, loop_cfg, accelerator, topo, resume_from):
+    finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
+    if finished:
         where = out / "hf_model" if not cfg.tasks else out / "tasks" / "<task>" / "hf_model"
         accelerator.print(f"eval results: {out / 'eval_results.json'}\nmodel: {where}")
-    accelerator.end_training()
-    return out
+    return finished
 
 
 def _cache_dir():

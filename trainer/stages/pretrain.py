@@ -61,7 +61,8 @@ def prepare_corpora(cfg: PretrainConfig, tokenizer, log=print):
     return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc, log) for src in cfg.data.corpora]
 
 
-def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> bool:
+    """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
     validate(cfg)
     out = Path(cfg.output_dir)
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
@@ -113,7 +114,7 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> P
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model"))
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
-    if loop.run(job, loop_cfg, accelerator, topo, resume_from):
+    finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
+    if finished:
         accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
-    accelerator.end_training()
-    return out
+    return finished

@@ -1,0 +1,170 @@
+"""The paper's whole pipeline in one command: further pre-train → multi-task → per-task fine-tune (Tables 6-7).
+
+Every stage is an ordinary pre-training or fine-tuning run in its own subdir, started with --resume semantics:
+a finished stage (marked by `stage.json`) is skipped, an interrupted one continues from its last checkpoint.
+The recipe ends with `results.json` / `results.md`: test error per task per stage."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from ..config import FinetuneConfig, PretrainConfig, RecipeConfig, build, to_dict
+from ..distributed import init_processes, reset_between_stages, uses_deepspeed
+from ..errors import UserError
+from . import finetune, pretrain
+from .common import _diff
+
+DONE = "stage.json"
+STAGE_DIRS = ("fit", "pretrain", "pt_fit", "mfit", "mfit_fit")
+
+
+@dataclass
+class Stage:
+    label: str  # the column in the results table, e.g. "ITPT-MFiT-FiT"
+    out: Path
+    config: object
+    runner: Callable
+    task: Optional[str] = None  # single-task stages
+
+
+def _model(cfg: RecipeConfig, name_or_path: Optional[str]) -> dict:
+    model = asdict(cfg.model)
+    if name_or_path:
+        model.update(name_or_path=str(name_or_path), config=None)
+        model["tokenizer"] = None  # the exported model dir carries its tokenizer
+    return model
+
+
+def _finetune_config(cfg: RecipeConfig, out: Path, model: dict, tasks: list, lr_scale: float = 1.0):
+    ft = asdict(cfg.finetune)
+    ft["optim"]["lr"] *= lr_scale
+    base = {"output_dir": str(out), "seed": cfg.seed, "model": model, "head": ft["head"], "train": ft["train"],
+            "optim": ft["optim"], "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/{out.name}"},
+            "distributed": asdict(cfg.distributed)}
+    if len(tasks) == 1:
+        base.update(data=asdict(tasks[0].data), text=asdict(tasks[0].text))
+    else:
+        base.update(tasks=[asdict(t) for t in tasks], multitask=ft["multitask"])
+    return build(FinetuneConfig, base)
+
+
+def plan(cfg: RecipeConfig) -> list[Stage]:
+    if not cfg.tasks:
+        raise UserError("the recipe needs at least one task under `tasks`")
+    out, st = Path(cfg.output_dir), cfg.stages
+    names = [t.name for t in cfg.tasks]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise UserError(f"recipe tasks need distinct names; got {names}")
+    stages: list[Stage] = []
+    base = cfg.model.name_or_path
+    if st.fit_baseline:
+        for t in cfg.tasks:
+            stages.append(Stage("FiT", out / "fit" / t.name,
+                                _finetune_config(cfg, out / "fit" / t.name, _model(cfg, base), [t]), finetune.run,
+                                t.name))
+    start, prefix = base, ""
+    if st.further_pretrain and cfg.pretrain.data.corpora:
+        pt_out = out / "pretrain"
+        pt = build(PretrainConfig, {"output_dir": str(pt_out), "seed": cfg.seed, "model": asdict(cfg.model),
+                                    "data": asdict(cfg.pretrain.data), "train": asdict(cfg.pretrain.train),
+                                    "optim": asdict(cfg.pretrain.optim),
+                                    "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/pretrain"},
+                                    "distributed": asdict(cfg.distributed)})
+        stages.append(Stage("pretrain", pt_out, pt, pretrain.run))
+        start, prefix = pt_out / "hf_model", "ITPT-"
+        if st.fit_after_pretrain:
+            for t in cfg.tasks:
+                d = out / "pt_fit" / t.name
+                stages.append(Stage(f"{prefix}FiT", d, _finetune_config(cfg, d, _model(cfg, start), [t]),
+                                    finetune.run, t.name))
+    if st.multitask:
+        if len(cfg.tasks) < 2:
+            raise UserError("stages.multitask needs at least two tasks")
+        d = out / "mfit"
+        stages.append(Stage(f"{prefix}MFiT", d, _finetune_config(cfg, d, _model(cfg, start), cfg.tasks),
+                            finetune.run))
+        if st.fit_after_multitask:
+            for t in cfg.tasks:
+                e = out / "mfit_fit" / t.name
+                stages.append(Stage(f"{prefix}MFiT-FiT", e,
+                                    _finetune_config(cfg, e, _model(cfg, d / "tasks" / t.name / "hf_model"), [t],
+                                                     lr_scale=st.lr_scale_after_multitask),
+                                    finetune.run, t.name))
+    return stages
+
+
+def _check_same_stage(stage: Stage) -> None:
+    """A finished stage is reused only if it was run with this stage's model, data and tasks."""
+    saved = yaml.safe_load((stage.out / "config.yaml").read_text()) or {}
+    planned = to_dict(stage.config)
+    for section in ("model", "data", "tasks", "text", "head"):
+        key = _diff(saved.get(section), planned.get(section), section + ".")
+        if key:
+            raise UserError(f"{stage.out} holds a finished stage whose config key '{key}' differs from this recipe's; "
+                            f"use another output_dir or --overwrite")
+
+
+def _test_errors(stage: Stage) -> dict:
+    """{task: test error} of a finished fine-tuning stage (empty for pre-training or without a test split)."""
+    path = stage.out / "eval_results.json"
+    if stage.runner is pretrain.run or not path.is_file():
+        return {}
+    results = json.loads(path.read_text())
+    per_task = {stage.task: results} if stage.task else results
+    return {task: r["test"]["error_rate"] for task, r in per_task.items() if "test" in r}
+
+
+def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
+    """Run every unfinished stage; True when all are done and the table is written."""
+    import torch.distributed as dist
+    stages = plan(cfg)
+    out = Path(cfg.output_dir)
+    state = init_processes(uses_deepspeed(cfg.distributed.deepspeed_config))
+    log = state.print
+    if overwrite:
+        if state.is_main_process:
+            for name in (*STAGE_DIRS, "results.json", "results.md"):
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        state.wait_for_everyone()
+    for i, stage in enumerate(stages, 1):
+        where = f"[{i}/{len(stages)}] {stage.label}{' · ' + stage.task if stage.task else ''} → {stage.out}"
+        if (stage.out / DONE).is_file():
+            _check_same_stage(stage)
+            log(f"{where}: done, skipped")
+            continue
+        log(f"{where}")
+        finished = stage.runner(stage.config, resume=True)
+        reset_between_stages()
+        if not finished:
+            log(f"{where}: stopped before the end; run the recipe again to continue it")
+            return False
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            (stage.out / DONE).write_text(json.dumps({"label": stage.label, "task": stage.task,
+                                                      "test_error": _test_errors(stage)}, indent=1))
+        if dist.is_initialized():
+            dist.barrier()
+    table = {t.name: {} for t in cfg.tasks}
+    for stage in stages:
+        for task, err in _test_errors(stage).items():
+            table[task][stage.label] = err
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_results(out, table, [s.label for s in stages if s.runner is not pretrain.run])
+        log((out / "results.md").read_text())
+    return True
+
+
+def write_results(out: Path, table: dict, labels: list) -> None:
+    columns = list(dict.fromkeys(labels))
+    (out / "results.json").write_text(json.dumps(table, indent=1))
+    lines = ["Test error rate (%) per task and stage", "",
+             "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for task, row in table.items():
+        cells = [f"{100 * row[c]:.2f}" if c in row else "–" for c in columns]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
