@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -136,6 +137,24 @@ def git_state() -> str:
     return head + (" + uncommitted changes in trainer/launch/configs" if dirty else "")
 
 
+def other_load(seconds: float = 1.0) -> float:
+    """CPU used by processes other than this one and its children, over `seconds`, in cores."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    me = psutil.Process()
+    mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    before = psutil.cpu_times()
+    own_before = sum(me.cpu_times()[:2])
+    time.sleep(seconds)
+    after = psutil.cpu_times()
+    own_after = sum(me.cpu_times()[:2])
+    busy = (after.user + after.system + getattr(after, "nice", 0)) - (before.user + before.system +
+                                                                         getattr(before, "nice", 0))
+    return max(0.0, (busy - (own_after - own_before)) / seconds) if mine else 0.0
+
+
 def header(title: str) -> None:
     import torch
     import transformers
@@ -143,6 +162,9 @@ def header(title: str) -> None:
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine()}")
     print(f"code: {git_state()}")
+    busy = other_load()
+    print(f"other processes' CPU use at start: {busy:.0%} of one core"
+          + ("  WARNING: the machine is busy; timings will be off" if busy > 0.3 else ""))
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torch threads {torch.get_num_threads()}")
 

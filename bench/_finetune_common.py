@@ -37,7 +37,7 @@ def _own_lineage() -> set[int]:
 
 
 def busy_processes() -> list[str]:
-    """Other pytest or bench/ python processes running now (not ours)."""
+    """Other pytest, bench/ or launch/ (trainer runs) python processes running now (not ours)."""
     import psutil
     mine = _own_lineage()
     out = []
@@ -47,13 +47,14 @@ def busy_processes() -> list[str]:
         cmd = " ".join(p.info["cmdline"] or [])
         if "python" not in cmd:
             continue
-        if "pytest" in cmd or "bench/" in cmd:
+        if "pytest" in cmd or "bench/" in cmd or "launch/" in cmd:
             out.append(f"{p.info['pid']}: {cmd[:160]}")
     return out
 
 
 def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S) -> str:
-    """Sleep (poll_s at a time, at most max_s) while other pytest / bench python processes run. → what happened."""
+    """Sleep (poll_s at a time, at most max_s) while other pytest / bench / launch python processes run.
+    → a line saying what happened."""
     t0 = time.time()
     waited = False
     while True:
@@ -69,6 +70,66 @@ def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S) -> str:
         time.sleep(poll_s)
 
 
+class OtherLoad:
+    """Background sampler: CPU used by processes outside this process tree (in cores), every `interval` s.
+    Use as a context manager around a measured run; `.mean` and `.peak` afterwards."""
+
+    def __init__(self, interval: float = 2.0):
+        import threading
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _own_cpu(self, last: dict) -> float:
+        import psutil
+        me = psutil.Process()
+        delta = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            cur = t.user + t.system
+            delta += cur - last.get(p.pid, 0.0 if p.pid != me.pid else cur)
+            last[p.pid] = cur
+        return delta
+
+    def _run(self):
+        import psutil
+
+        def busy():
+            t = psutil.cpu_times()
+            return t.user + t.system + getattr(t, "nice", 0.0)
+
+        last: dict = {}
+        self._own_cpu(last)
+        b0, t0 = busy(), time.perf_counter()
+        while not self._stop.wait(self.interval):
+            own = self._own_cpu(last)
+            b1, t1 = busy(), time.perf_counter()
+            self.samples.append(max(0.0, (b1 - b0 - own) / (t1 - t0)))
+            b0, t0 = b1, t1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples, default=0.0)
+
+    def describe(self) -> str:
+        return f"other load mean {self.mean:.2f} / peak {self.peak:.2f} cores"
+
+
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), WANDB_MODE="disabled",
@@ -78,16 +139,18 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_cmd(cmd: list[str], threads: int, what: str, log: Optional[Path] = None) -> tuple[float, str]:
-    """Run a subprocess in the repo root; → (wall seconds, stdout). Exits with its stderr tail on failure."""
+def run_cmd(cmd: list[str], threads: int, what: str, log: Optional[Path] = None) -> tuple[float, str, "OtherLoad"]:
+    """Run a subprocess in the repo root, sampling other processes' CPU use meanwhile;
+    → (wall seconds, stdout, load). Exits with its stderr tail on failure."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=C.REPO)
+    with OtherLoad() as load:
+        p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=C.REPO)
     wall = time.perf_counter() - t0
     if log is not None:
         log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     if p.returncode != 0:
         sys.exit(f"{what} failed (rc {p.returncode}):\n{p.stderr[-4000:]}")
-    return wall, p.stdout
+    return wall, p.stdout, load
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -5,8 +5,10 @@ the same length-grouped batch composition and order, the same model and optimize
     python bench/_pad_to_max_len.py --config <yaml> [key.sub=value ...]
 
 `trainer.text.batching.Collator.__call__` is wrapped: after the stage's own dynamic padding, input_ids are
-right-padded with the pad id, attention_mask and token_type_ids with 0, up to text.max_len columns (so the
-attention mask still hides the padding; the results differ from dynamic padding only by float rounding).
+right-padded with the pad id, attention_mask and token_type_ids with 0, up to text.max_len columns, so the
+attention mask still hides the padding. The two runs are not bit-identical all the same: dropout masks are
+drawn over [batch, width, hidden] tensors, so a different width gives different masks for the real tokens
+too (plus float rounding), i.e. the runs are statistically equivalent, not equal.
 The eval batches go through the same collator, so they are padded as well."""
 import sys
 from pathlib import Path

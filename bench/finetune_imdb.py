@@ -131,12 +131,12 @@ def run_trainer(args, ov: list[str], padded: bool, tag: str, logdir: Path) -> di
     out = Path(tempfile.mkdtemp(prefix="imdb-bench-run-"))
     ov = [o if not o.startswith("output_dir=") else f"output_dir={out}" for o in ov]
     try:
-        wall, _ = F.run_cmd(command(ov, padded), args.threads, f"trainer ({tag})", logdir / f"{tag}.log")
+        wall, _, load = F.run_cmd(command(ov, padded), args.threads, f"trainer ({tag})", logdir / f"{tag}.log")
         train_recs, dev_recs = F.read_metrics(out)
         results = json.loads((out / "eval_results.json").read_text())
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"train_recs": train_recs, "dev_recs": dev_recs, "results": results, "wall_s": wall}
+    return {"train_recs": train_recs, "dev_recs": dev_recs, "results": results, "wall_s": wall, "load": load}
 
 
 def timing(args, cfg, r: dict, step_tokens: list[int], n_train: int) -> dict:
@@ -176,7 +176,8 @@ def part_a(args, texts, labels, tt, tl, tokenizer, rng, work: Path, logdir: Path
         print(f"  {kind:<8} test acc {res['test']['accuracy']:.4f} (error {F.fmt_pct(res['test']['error_rate'])}), "
               f"dev acc {res['dev']['accuracy']:.4f} · {t['examples_per_s']:.2f} examples/s "
               f"({t['timed_examples']} ex in {t['timed_s']:.1f} s, {t['timed_steps']} timed steps; "
-              f"{t['tokens_per_s']:,.0f} real tokens/s) · process wall {r['wall_s']:.0f} s", flush=True)
+              f"{t['tokens_per_s']:,.0f} real tokens/s) · process wall {r['wall_s']:.0f} s · {r['load'].describe()}",
+              flush=True)
     # dynamic padding pads each batch to its longest member: its share of real tokens
     widths = []
     from trainer.model import load_tokenizer
@@ -232,7 +233,8 @@ def part_b(args, texts, labels, tt, tl, tokenizer, rng, work: Path, logdir: Path
                          "examples_per_s": r["timing"]["examples_per_s"]}
         print(f"  {strategy:<9} test error {F.fmt_pct(res['test']['error_rate'])} ({res['test']['n']} ex), "
               f"dev acc {res['dev']['accuracy']:.4f} ({res['dev']['n']} ex) · "
-              f"{r['timing']['examples_per_s']:.2f} examples/s · process wall {r['wall_s']:.0f} s", flush=True)
+              f"{r['timing']['examples_per_s']:.2f} examples/s · process wall {r['wall_s']:.0f} s · "
+              f"{r['load'].describe()}", flush=True)
     return out
 
 

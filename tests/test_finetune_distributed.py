@@ -49,7 +49,7 @@ def depth_scale(parts: list[str]) -> float:
                                       "linear", "polynomial"])
 def test_logged_lr_of_every_group_is_lr_xi_depth_schedule(tmp_path, cache, setup, schedule):
     out = tmp_path / "run"
-    run(setup, out, f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}",
+    run(setup, out, f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}", "data.test=null",
         f"optim.lr={LR}", f"optim.layer_decay={XI}", f"optim.scheduler={schedule}", "optim.warmup_steps=2",
         cache=cache, **FT)
     groups = json.loads((out / "param_groups.json").read_text())

@@ -187,6 +187,7 @@ class RecipeStages:
     multitask: bool = True  # MFiT on all tasks (from the pre-trained model when there is one)
     fit_after_multitask: bool = True  # each task again, alone, from its MFiT model (…-MFiT-FiT)
     lr_scale_after_multitask: float = 0.5  # "with a lower learning rate" (the paper gives no value)
+    pretrain_label: str = "ITPT"  # how the table names further pre-training: ITPT | IDPT | CDPT
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .config import OptimConfig, TrainConfig, WandbConfig
 from .distributed import Topology
 from .errors import UserError
 from .optim.schedules import GroupSchedule
+from .preemption import StopRequest
 from .tracking import Tracker
 
 
@@ -72,6 +73,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples})")
+        if accelerator.is_main_process:  # lines logged after that checkpoint (before a crash) are redone
+            _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
     state.world_size = topo.world_size
     # the groups DeepSpeed really steps: setting lr on them is what reaches the optimizer shards
     schedule = GroupSchedule(job.optimizer, cfg.optim, steps)
@@ -87,6 +90,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     tokens_sum = torch.zeros((), device=device)
     window_steps, t_window = 0, time.perf_counter()
     last: dict = {}
+    stop = StopRequest()
     try:
         while state.step < steps:
             _reseed(cfg.seed, state.step, topo.rank)
@@ -123,9 +127,11 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
             eval_every = train.eval_every or steps_per_epoch
             if job.evaluate is not None and (state.step % eval_every == 0 or state.step == steps):
                 _evaluate(job, model, accelerator, cfg, state, tracker)
-            if state.step == train.stop_at_step and state.step < steps:
+            preempted = stop.agreed(accelerator, sync_point=state.step % train.log_every == 0)
+            if (state.step == train.stop_at_step or preempted) and state.step < steps:
                 ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
-                accelerator.print(f"stopped at step {state.step} (train.stop_at_step); checkpoint: {ckpt}")
+                why = f"signal {stop.signal_name or 'on another rank'}" if preempted else "train.stop_at_step"
+                accelerator.print(f"stopped at step {state.step} ({why}); checkpoint: {ckpt}")
                 return False
             if train.save_every > 0 and state.step % train.save_every == 0 and state.step < steps:
                 checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
@@ -138,6 +144,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         job.export(accelerator, model)
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
     finally:
+        stop.restore()
         tracker.close()
     return True
 
@@ -157,3 +164,21 @@ def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState
     if value > state.extra.get("best_metric", float("-inf")):
         state.extra.update(best_metric=value, best_step=state.step)
         checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    import json
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except ValueError:  # a line torn by a kill mid-write
+            pass
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.rename(path)

@@ -1,7 +1,6 @@
 """Tokenizer and BERT-family model loading: a hub name or local dir via Auto classes, or a config for random init."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +43,7 @@ def _auto_config(cfg: ModelConfig, tokenizer, **extra):
     return conf
 
 
-def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
+def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, **extra):
     """head: `mlm` (masked LM), `pretraining` (MLM + NSP)."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
@@ -52,12 +51,12 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", **extra):
     conf = _auto_config(cfg, tokenizer, **extra)
     conf._attn_implementation = cfg.attn_implementation
     from .classifier import plain_init
+    torch.manual_seed(seed)  # fresh weights independent of whatever ran before in the process
     try:
         with plain_init():  # whole on every rank; DeepSpeed partitions it in prepare()
             if cfg.name_or_path:
                 model = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=cfg.attn_implementation)
             else:
-                torch.manual_seed(int(os.environ.get("BERT_RECIPE_INIT_SEED", "0")))
                 model = auto.from_config(conf, attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None

@@ -75,6 +75,7 @@ def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier
     Built whole on every rank (no ZeRO-3 partitioned construction): DeepSpeed partitions it in prepare()."""
     from transformers import AutoModel
     path = cfg.model.name_or_path
+    torch.manual_seed(cfg.seed)  # new heads (and a random encoder) start the same whatever ran before in the process
     with plain_init():
         if path and (Path(path) / RECIPE_FILE).is_file():
             if len(tasks) != 1:
@@ -97,7 +98,6 @@ def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier
             if path:
                 encoder = AutoModel.from_pretrained(path, config=conf, attn_implementation=cfg.model.attn_implementation)
             else:
-                torch.manual_seed(cfg.seed)
                 encoder = AutoModel.from_config(conf, attn_implementation=cfg.model.attn_implementation)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load encoder '{path}': {str(exc).splitlines()[0]}") from None

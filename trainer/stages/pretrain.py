@@ -73,7 +73,7 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
         corpora = prepare_corpora(cfg, tokenizer, log=accelerator.print)
-    model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm")
+    model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed)
     if cfg.data.seq_len > max_positions(model):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
                         f"({max_positions(model)} max_position_embeddings)")

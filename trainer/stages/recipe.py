@@ -76,7 +76,7 @@ def plan(cfg: RecipeConfig) -> list[Stage]:
                                     "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/pretrain"},
                                     "distributed": asdict(cfg.distributed)})
         stages.append(Stage("pretrain", pt_out, pt, pretrain.run))
-        start, prefix = pt_out / "hf_model", "ITPT-"
+        start, prefix = pt_out / "hf_model", f"{st.pretrain_label}-"
         if st.fit_after_pretrain:
             for t in cfg.tasks:
                 d = out / "pt_fit" / t.name
