@@ -74,3 +74,14 @@ def export_hf(accelerator, model, tokenizer, target: Path) -> None:
             shutil.rmtree(target)
         tmp.rename(target)
     accelerator.wait_for_everyone()
+
+
+def validate_train_optim(train, optim) -> None:
+    """Checks every stage shares: the loop's counts and the learning rate."""
+    if optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0, got {optim.lr}")
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(train, key) < 1:
+            raise UserError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {train.max_steps}")

@@ -26,7 +26,7 @@ from ..optim.param_groups import build_param_groups, describe_groups, make_optim
 from ..text import truncation
 from ..text.batching import Collator, example_lengths, rank_eval_batches, rank_train_batches
 from ..text.data import load_task
-from .common import prepare_output_dir, save_resolved_config
+from .common import prepare_output_dir, save_resolved_config, validate_train_optim
 
 
 @dataclass
@@ -53,15 +53,9 @@ def tasks_of(cfg: FinetuneConfig) -> list[Task]:
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    validate_train_optim(cfg.train, cfg.optim)
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay (ξ) must be in (0, 1], got {cfg.optim.layer_decay}")
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(cfg.train, key) < 1:
-            raise UserError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
-        raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {cfg.train.max_steps}")
     if not 0 <= cfg.head.dropout < 1:
         raise UserError(f"head.dropout must be in [0, 1), got {cfg.head.dropout}")
     if cfg.multitask.sampling == "temperature" and not 0 <= cfg.multitask.alpha <= 1:

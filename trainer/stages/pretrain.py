@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..model import build_model, load_tokenizer, max_positions, matmul_params
 from ..optim.param_groups import build_param_groups, make_optimizer
 from ..tracking import flops_per_token
-from .common import export_hf, prepare_output_dir, save_resolved_config
+from .common import export_hf, prepare_output_dir, save_resolved_config, validate_train_optim
 
 
 def _builtin_name(cfg: PretrainConfig):
@@ -38,13 +38,9 @@ def validate(cfg: PretrainConfig) -> None:
     for i, src in enumerate(cfg.data.corpora):
         if src.weight < 0:
             raise UserError(f"data.corpora[{i}].weight must be >= 0, got {src.weight}")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(cfg.train, key) < 1:
-            raise UserError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
-        raise UserError(f"train.max_steps must be > 0, or -1 to run train.epochs; got {cfg.train.max_steps}")
+    validate_train_optim(cfg.train, cfg.optim)
+    if cfg.optim.layer_decay != 1:
+        raise UserError("optim.layer_decay applies to fine-tuning; pre-training trains all layers at optim.lr")
 
 
 def _cache_dir(cfg: PretrainConfig) -> Path:
