@@ -155,6 +155,37 @@ def other_load(seconds: float = 1.0) -> float:
     return max(0.0, (busy - (own_after - own_before)) / seconds) if mine else 0.0
 
 
+class LoadMeter:
+    """Average CPU (in cores) used by *other* processes between start() and stop(): the machine may be shared.
+    Counts system-wide busy time minus this process's and its waited-for children's."""
+
+    def start(self):
+        import psutil
+        self.t0, self.sys0, self.own0 = time.perf_counter(), psutil.cpu_times(), self._own()
+        return self
+
+    @staticmethod
+    def _own() -> float:
+        import psutil
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    @staticmethod
+    def _busy(t) -> float:
+        return t.user + t.system + getattr(t, "nice", 0) + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+    def stop(self) -> float:
+        import psutil
+        dt = time.perf_counter() - self.t0
+        busy = self._busy(psutil.cpu_times()) - self._busy(self.sys0)
+        return max(0.0, (busy - (self._own() - self.own0)) / max(dt, 1e-9))
+
+
+def load_note(other: float) -> str:
+    return (f"other processes used {other:.2f} cores on average during the run"
+            + (" -- BUSY MACHINE: wall-clock figures are unreliable, see the CPU-time figures" if other > 0.2 else ""))
+
+
 def header(title: str) -> None:
     import torch
     import transformers

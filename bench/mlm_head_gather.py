@@ -57,10 +57,10 @@ def worker(args) -> None:
         sel = batch["labels"] != -100
         return F.cross_entropy(model.cls(h[sel]).float(), batch["labels"][sel])
 
-    times, first = [], None
+    times, cpus, first = [], [], None
     for i, batch in enumerate(batches):
         torch.manual_seed(i)  # same dropout in both variants
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = loss_fn(batch)
         loss.backward()
         opt.step()
@@ -69,7 +69,8 @@ def worker(args) -> None:
             first = float(loss.detach())
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"first_loss": first, "step_s": C.median(times),
+            cpus.append(time.process_time() - c0)
+    print(json.dumps({"first_loss": first, "step_s": C.median(times), "cpu_s": C.median(cpus),
                       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
@@ -110,12 +111,13 @@ def main():
             if p.returncode != 0:
                 sys.exit(f"{variant} failed:\n{p.stderr[-3000:]}")
             res[variant] = r = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"  {variant:8s}: first-step loss {r['first_loss']:.5f}, median step {1e3 * r['step_s']:,.0f} ms, "
+            print(f"  {variant:8s}: first-step loss {r['first_loss']:.5f}, median step {1e3 * r['step_s']:,.0f} ms ({1e3 * r['cpu_s']:,.0f} CPU-ms), "
                   f"peak RSS {r['maxrss'] / 2**20:,.0f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     f, g = res["full"], res["gathered"]
-    print(f"SUMMARY mlm_head_gather: masked-positions-only head: step {f['step_s'] / g['step_s']:.2f}x faster, "
+    print(f"SUMMARY mlm_head_gather: masked-positions-only head: step {f['step_s'] / g['step_s']:.2f}x faster "
+          f"({f['cpu_s'] / g['cpu_s']:.2f}x in CPU time), "
           f"peak RSS {f['maxrss'] / 2**20:,.0f} -> {g['maxrss'] / 2**20:,.0f} MiB, first-step loss "
           f"{'equal' if abs(f['first_loss'] - g['first_loss']) < 1e-4 else 'DIFFERS'}")
 

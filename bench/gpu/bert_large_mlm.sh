@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # BERT-large MLM, seq 128, bf16, ~100 steps on one GPU, through the real trainer (1 process, no DeepSpeed).
 # Random init from the BERT-large shape (no hub access needed); the builtin corpus and tokenizer.
-# Usage: bash bench/gpu/bert_large_mlm.sh [OUT_DIR]   → prints real tokens/s and MFU per run.
+# Usage: [RUNS="compiled_b256 compiled_b512"] bash bench/gpu/bert_large_mlm.sh [OUT_DIR]
+#        → prints real tokens/s and MFU per run.
 set -euo pipefail
 out=${1:-/tmp/bench-gpu}
 export BERT_RECIPE_CACHE=$out/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
@@ -24,6 +25,7 @@ print(f"{sys.argv[2]}: real tokens/s {tps:,.0f}  MFU {mfu:.1%}  (median of {len(
 PY
 }
 mkdir -p "$out"
-run eager_b128 128
-run compiled_b128 128 model.compile=true
-run compiled_b256 256 model.compile=true
+for name in ${RUNS:-eager_b128 compiled_b128 compiled_b256}; do   # <eager|compiled>_b<micro batch>
+  mb=${name##*_b}
+  if [[ $name == compiled_* ]]; then run "$name" "$mb" model.compile=true; else run "$name" "$mb"; fi
+done
