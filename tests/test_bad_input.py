@@ -81,3 +81,15 @@ def test_existing_run_is_not_overwritten_without_a_flag(tmp_path, cache):
     # --overwrite really replaces it
     run(None, out, "train.max_steps=1", "train.log_every=1", cache=cache, flags=["--overwrite"])
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, cache):
+    out = tmp_path / "o"
+    run(None, out, "train.max_steps=4", "train.log_every=2", "train.save_every=2", cache=cache)
+    before = snapshot(out / "checkpoints")
+    proc = run(None, out, "train.max_steps=40", "train.log_every=2", "train.save_every=2", "optim.lr=1e6",
+               cache=cache, flags=["--resume"], check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "loss is nan at step" in errors[0] or "loss is inf at step" in errors[0]
+    assert snapshot(out / "checkpoints") == before

@@ -68,6 +68,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     steps = total_steps(train, job.samples_per_epoch, samples_per_step)
     steps_per_epoch = max(1, math.ceil(job.samples_per_epoch / samples_per_step))
 
+    base_lrs = [g["lr"] for g in job.optimizer.param_groups]  # from this run's config, not from a checkpoint
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
     state = TrainerState(world_size=topo.world_size)
     if resume_from is not None:
@@ -77,7 +78,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
             _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
     state.world_size = topo.world_size
     # the groups DeepSpeed really steps: setting lr on them is what reaches the optimizer shards
-    schedule = GroupSchedule(job.optimizer, cfg.optim, steps)
+    schedule = GroupSchedule(job.optimizer, cfg.optim, steps, base_lrs)
     lrs = schedule.set_step(state.step)
 
     tracker = Tracker(cfg.output_dir, accelerator.is_main_process, cfg.wandb, cfg.run_config, steps, state.step,
@@ -115,8 +116,10 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 stats = accelerator.reduce(torch.stack([loss_sum, tokens_sum]), reduction="sum")
                 elapsed = time.perf_counter() - t_window
                 loss_value = stats[0].item() / (window_steps * train.grad_accum * topo.world_size)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {state.step}")
+                if not math.isfinite(loss_value):  # (fp16 overflow steps skipped by the scaler never get here)
+                    raise UserError(f"loss is {loss_value} at step {state.step}; stopped without saving — the last "
+                                    f"good checkpoint in {checkpoint.checkpoint_root(cfg.output_dir)} is intact "
+                                    f"(lower optim.lr or use bf16, then --resume)")
                 last = {"step": state.step, "loss": loss_value, "lr": lrs, "world_size": topo.world_size,
                         "zero_stage": topo.zero_stage, "tokens_per_second": stats[1].item() / elapsed,
                         "samples_seen": state.samples, "epoch": state.samples / job.samples_per_epoch}

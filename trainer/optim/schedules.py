@@ -46,12 +46,13 @@ def multiplier(cfg: OptimConfig, step: int, total_steps: int) -> float:
 
 
 class GroupSchedule:
-    """Sets `lr = base_lr × multiplier(step)` on every group; base lrs are captured once, before training."""
+    """Sets `lr = base_lr × multiplier(step)` on every group. The base lrs come from the run's config (`base_lrs`,
+    captured before a checkpoint's optimizer state is loaded), so a resumed run follows the config it was given."""
 
-    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int):
+    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int, base_lrs=None):
         self.optimizer, self.cfg, self.total = optimizer, cfg, total_steps
-        for group in optimizer.param_groups:
-            group.setdefault("base_lr", group["lr"])
+        for i, group in enumerate(optimizer.param_groups):
+            group["base_lr"] = base_lrs[i] if base_lrs is not None else group.get("base_lr", group["lr"])
 
     def set_step(self, step: int) -> list[float]:
         factor = multiplier(self.cfg, step, self.total)
