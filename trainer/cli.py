@@ -14,7 +14,7 @@ def parse_args(schema, doc: str, argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     return args, config_mod.load(schema, args.config, args.overrides)

@@ -96,11 +96,14 @@ class _Packer:
         if self.buf:
             self.buf.append(self.sep)
         self.buf.extend(ids)
-        while len(self.buf) >= self.body:
-            row, self.buf = self.buf[:self.body], self.buf[self.body:]
-            if self.buf and self.buf[0] == self.sep:  # boundary fell on the row end: the row's own [SEP] marks it
-                self.buf = self.buf[1:]
+        start, n = 0, len(self.buf)  # consume by offset: linear in the document length, even for books
+        while n - start >= self.body:
+            row = self.buf[start:start + self.body]
+            start += self.body
+            if start < n and self.buf[start] == self.sep:  # boundary fell on the row end: the row's [SEP] marks it
+                start += 1
             yield [self.cls, *row, self.sep]
+        del self.buf[:start]
 
     def flush(self) -> Iterator[list[int]]:
         if self.buf:
