@@ -169,9 +169,10 @@ def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in recs if "split" not in r], [r for r in recs if r.get("split") == "dev"]
 
 
-def trainer_step_tokens(cfg, steps: int) -> list[int]:
-    """Real tokens of each of the first `steps` micro-batches the finetune stage feeds rank 0 of 1
-    (same tokenizer, truncation, lengths and length-grouped batching as trainer/stages/finetune.py)."""
+def trainer_step_batches(cfg, steps: int) -> tuple[list[int], list[int]]:
+    """(real tokens, padded positions = batch x longest) of each of the first `steps` micro-batches the finetune
+    stage feeds rank 0 of 1 (same tokenizer, truncation, lengths and length-grouped batching as
+    trainer/stages/finetune.py, single task: seed + 0)."""
     from trainer.model import load_tokenizer
     from trainer.text import truncation
     from trainer.text.batching import example_lengths, rank_train_batches
@@ -179,12 +180,18 @@ def trainer_step_tokens(cfg, steps: int) -> list[int]:
     tokenizer = load_tokenizer(cfg.model, "grammar", C.cache_dir())
     splits, _, _ = load_task(cfg.data, cfg.seed, log=lambda *a: None)
     lengths = example_lengths(truncation.Encoder(tokenizer, cfg.text).encode(splits["train"].texts))
-    out = []
+    tokens, positions = [], []
     for idx in rank_train_batches(lengths, cfg.train.micro_batch_size, 1, 0, cfg.seed, 0):
-        out.append(int(lengths[idx].sum()))
-        if len(out) == steps:
+        tokens.append(int(lengths[idx].sum()))
+        positions.append(int(lengths[idx].max()) * len(idx))
+        if len(tokens) == steps:
             break
-    return out
+    return tokens, positions
+
+
+def trainer_step_tokens(cfg, steps: int) -> list[int]:
+    """Real tokens of each of the first `steps` micro-batches the finetune stage feeds rank 0 of 1."""
+    return trainer_step_batches(cfg, steps)[0]
 
 
 def trainer_step_seconds(train_recs: list[dict], step_tokens: list[int]) -> list[float]:
