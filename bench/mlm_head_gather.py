@@ -1,12 +1,11 @@
-"""Cost of computing the MLM head on every position vs. on the masked positions only (evidence for a trainer
-change; not one of the four goal benchmarks).
+"""Cost of computing the MLM head on every position vs. on the masked positions only — the evidence behind
+trainer/masked_head.py (not one of the four goal benchmarks).
 
-The pretrain stage's loss is `model(**batch).loss` (trainer/stages/pretrain.py): BertForMaskedLM projects all
-B×S positions onto the vocabulary, although only ~15 % carry a label. This script trains the same model
-(trainer.model.build_model, same init) on the same batches (the stage's pipeline, IMDb subset, real 30522-token
-vocabulary) two ways, each in a fresh process: `full` (the stage's loss) and `gathered` (encoder → select
-positions with labels != -100 → model.cls → cross-entropy), and reports the first-step loss (must match),
-median step time and peak RSS.
+HF's BertForMaskedLM projects all B×S positions onto the vocabulary, although only ~15 % carry a label. This
+script trains the same model (trainer.model.build_model, same init) on the same batches (the stage's pipeline,
+IMDb subset, real 30522-token vocabulary) two ways, each in a fresh process: `full` (HF's loss) and `gathered`
+(encoder → select positions with labels != -100 → model.cls → cross-entropy, what the pre-training stage now
+does), and reports the first-step loss (must match), median step time and peak RSS.
 
     python bench/mlm_head_gather.py [--steps 10] [--micro-batch 16] [--hidden 128] [--layers 2]
 """

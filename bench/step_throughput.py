@@ -4,8 +4,8 @@ trainer: `python launch/pretrain.py --config configs/pretrain/tiny.yaml output_d
   as a subprocess (no accelerate launch), train.log_every = --warmup, train.max_steps = --warmup + --steps,
   save_every=0. tokens/s is read from metrics.jsonl: the first window (the warm-up) is dropped and the others
   are combined (Σ tokens / Σ time; each window's tokens are recomputed from the same batches).
-bare: a fresh subprocess builds the same config, tokenizer, model (same init seed, trainer.model.build_model)
-  and the same batches (the stage's GlobalOrder/PackedDataset/RankBatches/MLMCollator, materialised in memory
+bare: a fresh subprocess builds the same config, tokenizer, model (same init seed, trainer.model.build_model,
+  the same masked-positions-only MLM loss as the stage: trainer.masked_head) and the same batches (the stage's GlobalOrder/PackedDataset/RankBatches/MLMCollator, materialised in memory
   before timing), then runs torch.optim.AdamW with forward / backward / step / zero_grad; the same --warmup
   steps are run untimed, then --steps steps are timed.
 Both get the same OMP/MKL thread count. Runs alternate (bare, trainer, bare, trainer, ...) and the figure is
@@ -81,6 +81,8 @@ def bare_worker(args) -> None:
     # time by ~3-4 %: materialising the batches before building the model made the bare loop slower)
     tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
     model = build_model(cfg.model, tokenizer, head="mlm")
+    from trainer.masked_head import use_masked_positions_only
+    use_masked_positions_only(model)  # the stage's loss: the loop's overhead is what is measured
     model.train()
     t0 = time.perf_counter()
     _, batches = make_batches(cfg, args.warmup + args.steps)
