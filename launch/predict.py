@@ -11,12 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer.cli import Parser  # noqa: E402
 from trainer.errors import cli_entry  # noqa: E402
 
 
 @cli_entry
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dir written by finetune.py (<output_dir>/hf_model)")
     parser.add_argument("--input", required=True, help="file with the same text field(s) as training")
     parser.add_argument("--output", required=True, help="jsonl to write (refused if it exists, unless --overwrite)")

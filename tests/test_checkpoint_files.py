@@ -1,12 +1,18 @@
-"""Checkpoint completeness (manifest) and the fallback to the newest complete checkpoint."""
+"""Checkpoint completeness (manifest: sizes + SHA-256), the fallback to the newest intact checkpoint, and the
+global batch kept when a resume changes the number of ranks."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import _write_manifest, checkpoint_root, is_complete, latest_complete, list_checkpoints
+from trainer.checkpoint import (_files, _write_manifest, checkpoint_root, is_complete, latest_complete,
+                                list_checkpoints, manifest_entries)
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.reshard import keep_global_batch
 
 
 def _make(out: Path, step: int, complete: bool = True, name: str | None = None) -> Path:
@@ -14,18 +20,20 @@ def _make(out: Path, step: int, complete: bool = True, name: str | None = None) 
     (path / "pytorch_model").mkdir(parents=True)
     (path / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"m" * (100 + step))
     (path / "optimizer.bin").write_bytes(b"o" * 64)
-    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2, "global_batch": 32}))
     (path / "random_states_0.pkl").write_bytes(b"")  # empty files count too
     if complete:
-        _write_manifest(path)
+        _write_manifest(path, manifest_entries(path, _files(path)))
     return path
 
 
 def test_manifest_lists_every_file(tmp_path):
     path = _make(tmp_path, 5)
     files = json.loads((path / "manifest.json").read_text())["files"]
-    assert files == {"optimizer.bin": 64, "pytorch_model/mp_rank_00_model_states.pt": 105,
-                     "random_states_0.pkl": 0, "trainer_state.json": len(json.dumps({"step": 5}))}
+    assert {k: v["size"] for k, v in files.items()} == {
+        "optimizer.bin": 64, "pytorch_model/mp_rank_00_model_states.pt": 105, "random_states_0.pkl": 0,
+        "trainer_state.json": (path / "trainer_state.json").stat().st_size}
+    assert files["optimizer.bin"]["sha256"] == hashlib.sha256(b"o" * 64).hexdigest()
     assert not (path / "manifest.json.tmp").exists()
     assert is_complete(path)
 
@@ -51,6 +59,16 @@ def test_damage_makes_incomplete(tmp_path, damage):
     else:
         (path / "manifest.json").write_text('{"sizes": {}}')
     assert not is_complete(path)
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path):
+    first = _make(tmp_path, 100)
+    second = _make(tmp_path, 200)
+    (second / "optimizer.bin").write_bytes(b"x" + b"o" * 63)  # a flipped byte: same size
+    assert is_complete(second) and not is_complete(second, verify=True)
+    logs = []
+    assert latest_complete(tmp_path, log=logs.append, verify=True) == first
+    assert len(logs) == 1 and str(second) in logs[0]
 
 
 def test_extra_file_does_not_break_completeness(tmp_path):
@@ -104,3 +122,30 @@ def test_latest_complete_none(tmp_path):
     assert latest_complete(tmp_path, log=lambda *a: None) is None
     _make(tmp_path, 100, complete=False)
     assert latest_complete(tmp_path, log=lambda *a: None) is None
+
+
+def _train(micro: int, accum: int) -> TrainConfig:
+    return TrainConfig(micro_batch_size=micro, grad_accum=accum)
+
+
+@pytest.mark.parametrize("world,micro,accum,want", [
+    (2, 16, 1, (16, 1)),  # same world size: untouched
+    (1, 16, 1, (16, 2)),  # 2 -> 1: accumulate twice
+    (4, 16, 1, (8, 1)),  # 2 -> 4: smaller micro-batches
+    (3, 16, 2, None),  # 32 samples cannot be split over 3 ranks
+    (8, 16, 1, (4, 1)),
+])
+def test_keep_global_batch(tmp_path, world, micro, accum, want):
+    _make(tmp_path, 100)  # written by 2 ranks, global batch 32
+    logs = []
+    if want is None:
+        with pytest.raises(UserError, match="cannot split it evenly"):
+            keep_global_batch(tmp_path, True, _train(micro, accum), world, log=logs.append)
+        return
+    got = keep_global_batch(tmp_path, True, _train(micro, accum), world, log=logs.append)
+    assert (got.micro_batch_size, got.grad_accum) == want
+    assert got.micro_batch_size * got.grad_accum * world == 32
+    assert len(logs) == (0 if world == 2 else 1)
+    # no resume, or nothing to resume: the config as given
+    assert keep_global_batch(tmp_path, False, _train(micro, accum), world) == _train(micro, accum)
+    assert keep_global_batch(tmp_path / "none", True, _train(micro, accum), world) == _train(micro, accum)

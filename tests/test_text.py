@@ -245,6 +245,27 @@ def test_rank_train_batches_deterministic_and_resumable(world):
             assert all(np.array_equal(x, y) for x, y in zip(full[k:], resumed)), k
 
 
+def test_same_global_batch_same_examples_per_step_on_any_split():
+    """12 examples per optimizer step as 2x6, 1x6 with accumulation 2, 3x4 or 4x3: each step trains on the same
+    set, so a run resumed on another world size (the global batch kept) continues the same epoch exactly."""
+    lengths = _lengths(100, seed=7)
+    steps, start = 20, 12 * 5
+
+    def step_sets(world, micro, accum):
+        streams = [rank_train_batches(lengths, micro, world, r, 3, start, accum) for r in range(world)]
+        out = []
+        for _ in range(steps):
+            parts = [next(s) for _ in range(accum) for s in streams]
+            assert all(len(p) == micro for p in parts)
+            out.append(sorted(np.concatenate(parts).tolist()))
+        return out
+
+    reference = step_sets(2, 6, 1)
+    assert all(len(set(s)) == 12 for s in reference)
+    for world, micro, accum in ((1, 6, 2), (3, 4, 1), (4, 3, 1), (1, 12, 1), (2, 3, 2)):
+        assert step_sets(world, micro, accum) == reference, (world, micro, accum)
+
+
 # ----------------------------------------------------------------------------- eval batches
 @pytest.mark.parametrize("n", [1, 2, 5, 64, 65, 130, 203])
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -1,10 +1,12 @@
 """Atomic, sharded checkpoints: accelerate/DeepSpeed state + the trainer's own state.
 
-A checkpoint is written into `checkpoints/.tmp-step_N`, then `manifest.json` (every file and its size) is written
-last and the directory is renamed to `checkpoints/step_N`. A directory without a valid manifest is torn and never
-resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes)."""
+A checkpoint is written into `checkpoints/.tmp-step_N`, then `manifest.json` (every file, its size and SHA-256;
+the ranks hash the files between them) is written last and the directory is renamed to `checkpoints/step_N`.
+A directory without a manifest, or whose files differ from it in size (torn write) or content (corruption), is
+never resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +26,8 @@ class TrainerState:
     samples: int = 0  # global samples consumed (stream position)
     wandb_id: Optional[str] = None
     world_size: int = 1
+    global_batch: int = 0  # samples per optimizer step (micro x accumulation x ranks); kept on another world size
+    zero_stage: Optional[int] = None  # None: not DeepSpeed
     extra: dict = field(default_factory=dict)
 
 
@@ -31,7 +35,7 @@ def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
@@ -40,8 +44,23 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _write_manifest(path: Path) -> None:
-    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(path: Path) -> list[Path]:
+    return [p for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+def manifest_entries(root: Path, files: list[Path]) -> dict:
+    return {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def _write_manifest(path: Path, files: dict) -> None:
     tmp = path / "manifest.json.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1))
     with tmp.open("rb") as f:
@@ -49,15 +68,24 @@ def _write_manifest(path: Path) -> None:
     tmp.rename(path / "manifest.json")
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, verify: bool = False) -> bool:
+    """Every manifest file present with its size; with `verify`, also its SHA-256 (reads everything)."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
-        return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != entry["size"] or (verify and _sha256(f) != entry["sha256"]):
+                return False
+        return True
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def read_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -68,9 +96,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest_complete(output_dir: Path, log=print) -> Optional[Path]:
+def latest_complete(output_dir: Path, log=print, verify: bool = False) -> Optional[Path]:
     for path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path):
+        if is_complete(path, verify):
             return path
         log(f"warning: checkpoint {path} is incomplete or corrupted; falling back to an earlier one")
     return None
@@ -86,10 +114,15 @@ def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int, nam
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-        _write_manifest(tmp)
+    accelerator.wait_for_everyone()
+    files = _files(tmp)  # each rank hashes every world_size-th file
+    mine = manifest_entries(tmp, files[accelerator.process_index::accelerator.num_processes])
+    from accelerate.utils import gather_object
+    hashed = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    if accelerator.is_main_process:
+        _write_manifest(tmp, {k: v for part in hashed for k, v in sorted(part.items())})
         if final.exists():  # re-saving the same step, or a new best: the old one goes only once the new is whole
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -98,7 +131,7 @@ def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int, nam
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _prune(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -110,10 +143,20 @@ def _prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(accelerator, path: Path) -> TrainerState:
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    if state.world_size != accelerator.num_processes:
-        raise UserError(f"checkpoint {path} was written by {state.world_size} processes; this run has "
-                        f"{accelerator.num_processes}. Resume with the same number of processes")
-    accelerator.load_state(str(path))
+def _kind(zero_stage: Optional[int]) -> str:
+    return "without DeepSpeed" if zero_stage is None else f"with DeepSpeed ZeRO-{zero_stage}"
+
+
+def load(accelerator, model, optimizer, path: Path, zero_stage: Optional[int]) -> TrainerState:
+    """Collective. Restore model/optimizer/RNG from `path`; a checkpoint of another world size is re-partitioned.
+    `zero_stage`: this run's DeepSpeed ZeRO stage, None without DeepSpeed."""
+    from . import reshard
+    state = read_state(path)
+    if (path / "pytorch_model").is_dir() != (zero_stage is not None) or state.zero_stage != zero_stage:
+        raise UserError(f"checkpoint {path} was written {_kind(state.zero_stage)}; this run is "
+                        f"{_kind(zero_stage)} — resume with the same kind of accelerate config")
+    if state.world_size != accelerator.num_processes and reshard.needs_conversion(path):
+        reshard.load_universal(accelerator, model, optimizer, path)
+    else:  # same world size, or whole (DDP / single-process) state, which any world size can load
+        accelerator.load_state(str(path))
     return state

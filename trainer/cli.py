@@ -4,10 +4,18 @@ from __future__ import annotations
 import argparse
 
 from . import config as config_mod
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """Command-line mistakes are bad input like any other: one `error:` line (via cli_entry), exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def parse_args(schema, doc: str, argv=None):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override any with key.sub=value):\n" + "\n".join(config_mod.describe(schema)))
     parser.add_argument("--config", help="YAML run config")

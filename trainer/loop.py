@@ -70,13 +70,15 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
 
     base_lrs = [g["lr"] for g in job.optimizer.param_groups]  # from this run's config, not from a checkpoint
     model, optimizer = accelerator.prepare(job.model, job.optimizer)
-    state = TrainerState(world_size=topo.world_size)
+    state = TrainerState()
+    zero = topo.zero_stage if topo.deepspeed else None
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples})")
-        if accelerator.is_main_process:  # lines logged after that checkpoint (before a crash) are redone
-            _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
-    state.world_size = topo.world_size
+        state = checkpoint.load(accelerator, model, job.optimizer, resume_from, zero)
+        moved = f", written by {state.world_size} ranks" if state.world_size != topo.world_size else ""
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
+    if accelerator.is_main_process:  # lines logged after the checkpoint (or before any) by a killed run are redone
+        _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
+    state.world_size, state.global_batch, state.zero_stage = topo.world_size, samples_per_step, zero
     # the groups DeepSpeed really steps: setting lr on them is what reaches the optimizer shards
     schedule = GroupSchedule(job.optimizer, cfg.optim, steps, base_lrs)
     lrs = schedule.set_step(state.step)
@@ -142,7 +144,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         accelerator.print(f"checkpoint: {ckpt}")
         best = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.BEST
         if job.evaluate is not None and checkpoint.is_complete(best):
-            accelerator.load_state(str(best))
+            checkpoint.load(accelerator, model, job.optimizer, best, zero)
             accelerator.print(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model)
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})

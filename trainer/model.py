@@ -89,3 +89,37 @@ def matmul_params(model) -> int:
     if out is not None and out.weight is emb:
         n += emb.numel()
     return n
+
+
+def dropped_pooler(cfg: ModelConfig, model) -> dict:
+    """The starting checkpoint's pooler tensors, keyed as `model` would save them, when `model` has no pooler.
+
+    HF's masked-LM classes build their encoder without the pooler, so a pre-training run exporting one would
+    silently drop the (NSP-trained) pooler of e.g. bert-base, and a classifier reading the pooler would start
+    from random weights. MLM does not train the pooler: the export carries the original over unchanged
+    (read from the checkpoint's safetensors files)."""
+    if not cfg.name_or_path or getattr(model.base_model, "pooler", None) is not None:
+        return {}
+    import json
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+    found = {}
+
+    def locate(name):
+        try:
+            return cached_file(cfg.name_or_path, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+
+    index = locate("model.safetensors.index.json")
+    if index:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        files = [locate(s) for s in shards]
+    else:
+        files = [locate("model.safetensors")]
+    for path in filter(None, files):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if "pooler." in key:
+                    found[f"{model.base_model_prefix}.{key[key.index('pooler.'):]}"] = f.get_tensor(key)
+    return found

@@ -1,6 +1,7 @@
 """What every stage does around the loop: guard the output dir, save the resolved config, export the HF model."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -25,12 +26,9 @@ def _diff(a, b, prefix=""):
     return prefix.rstrip(".") if a != b else None
 
 
-def prepare_output_dir(accelerator, out: Path, config: dict, resume: bool, overwrite: bool) -> Optional[Path]:
-    """Decide (identically on every rank) whether this run starts fresh or resumes; never destroy a run silently.
-
-    Returns the checkpoint to resume from, or None."""
+def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> None:
+    """Read-only, before anything is loaded: refuse to touch a run the user did not say to resume or replace."""
     holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
-    resume_from = None
     if resume and holds_run:
         saved = out / "config.yaml"
         if saved.is_file():
@@ -40,19 +38,43 @@ def prepare_output_dir(accelerator, out: Path, config: dict, resume: bool, overw
                 if key:
                     raise UserError(f"cannot resume {out}: config key '{key}' differs from the saved run "
                                     f"(start a new output_dir, or pass --overwrite to replace the run)")
-        resume_from = checkpoint.latest_complete(out, log=accelerator.print)
     elif holds_run and not overwrite:
         raise UserError(f"output dir {out} already holds a run; pass --resume to continue it or --overwrite to "
                         f"replace it")
-    accelerator.wait_for_everyone()
+
+
+def claim_output_dir(accelerator, out: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Collective, once the inputs have loaded without error: pick the checkpoint to resume from (rank 0 reads
+    every file against the manifest's checksums; all ranks get its choice), or clear the old run (--overwrite)."""
+    found, problem = None, None
     if accelerator.is_main_process:
-        if holds_run and overwrite and not resume:
+        if resume:
+            found = checkpoint.latest_complete(out, log=accelerator.print, verify=True)
+            if found is None and checkpoint.list_checkpoints(out):
+                problem = (f"no intact checkpoint in {checkpoint.checkpoint_root(out)} (all torn or corrupted); "
+                           f"pass --overwrite to start the run again")
+        elif overwrite and out.is_dir():
             for name in RUN_FILES:
                 path = out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return resume_from
+        if problem is None:
+            out.mkdir(parents=True, exist_ok=True)
+    shared = [found, problem]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(shared)
+    if shared[1]:
+        raise UserError(shared[1])
+    return shared[0]
+
+
+def resume_train_config(out: Path, resume: bool, train):
+    """The train section to build the Accelerator with: on a resume with another number of ranks, the
+    checkpoint's global batch is kept (see trainer/reshard.py)."""
+    from ..reshard import keep_global_batch
+    rank0 = os.environ.get("RANK", "0") == "0"
+    return keep_global_batch(out, resume, train, int(os.environ.get("WORLD_SIZE", "1")),
+                             log=print if rank0 else lambda *_: None)
 
 
 def save_resolved_config(accelerator, out: Path, config: dict) -> None:
@@ -62,18 +84,36 @@ def save_resolved_config(accelerator, out: Path, config: dict) -> None:
         tmp.rename(out / "config.yaml")
 
 
-def export_hf(accelerator, model, tokenizer, target: Path) -> None:
-    """Consolidated `save_pretrained` model + tokenizer, written to a temp dir and renamed into place."""
+def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict] = None) -> None:
+    """Consolidated `save_pretrained` model + tokenizer (+ `extra` tensors), written to a temp dir and renamed
+    into place."""
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
     if accelerator.is_main_process:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if extra:
+            _add_tensors(tmp, extra)
         tokenizer.save_pretrained(str(tmp))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     accelerator.wait_for_everyone()
+
+
+def _add_tensors(model_dir: Path, tensors: dict) -> None:
+    from safetensors.torch import load_file, save_file
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        save_file({**load_file(str(single)), **tensors}, str(single), metadata={"format": "pt"})
+        return
+    import json
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(model_dir / "model-extra.safetensors"),
+              metadata={"format": "pt"})
+    index["weight_map"].update({k: "model-extra.safetensors" for k in tensors})
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def validate_train_optim(train, optim) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from ..optim.param_groups import build_param_groups, describe_groups, make_optim
 from ..text import truncation
 from ..text.batching import Collator, example_lengths, rank_eval_batches, rank_train_batches
 from ..text.data import load_task
-from .common import prepare_output_dir, save_resolved_config, validate_train_optim
+from .common import (check_output_dir, claim_output_dir, resume_train_config, save_resolved_config,
+                     validate_train_optim)
 
 
 @dataclass
@@ -115,10 +116,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     validate(cfg)
     tasks = tasks_of(cfg)
     out = Path(cfg.output_dir)
+    check_output_dir(out, to_dict(cfg), resume, overwrite)
+    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train))
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                                          deepspeed_config=cfg.distributed.deepspeed_config)
-    resume_from = prepare_output_dir(accelerator, out, to_dict(cfg), resume, overwrite)
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, "grammar", _cache_dir())
     for t in tasks:
@@ -135,18 +137,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
         truncation.validate(t.text, len(t.data.text_fields), max_positions(model.encoder))
     if cfg.model.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    save_resolved_config(accelerator, out, to_dict(cfg))
 
-    g = cfg.train.micro_batch_size * topo.world_size
+    samples_per_step = cfg.train.micro_batch_size * topo.world_size * cfg.train.grad_accum
     probs = task_probabilities(tasks, cfg)
 
     def batches(start: int):
-        samples_per_step = g * cfg.train.grad_accum
         step = start // samples_per_step
         done = np.bincount([task_of_step(cfg.seed, s, probs) for s in range(step)] if len(tasks) > 1 else
                            np.zeros(step, dtype=int), minlength=len(tasks))
         streams = [rank_train_batches(t.lengths["train"], cfg.train.micro_batch_size, topo.world_size, topo.rank,
-                                      cfg.seed + i, int(done[i]) * samples_per_step) for i, t in enumerate(tasks)]
+                                      cfg.seed + i, int(done[i]) * samples_per_step, cfg.train.grad_accum)
+                   for i, t in enumerate(tasks)]
         while True:
             i = task_of_step(cfg.seed, step, probs) if len(tasks) > 1 else 0
             t = tasks[i]
@@ -178,8 +179,10 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
 
     def export(acc, trained):
         trained.eval()
-        with torch.no_grad():
-            results = {t.name: {s: evaluate(trained, s)[t.name] for s in t.encoded if s != "train"} for t in tasks}
+        splits = [s for s in ("dev", "test") if any(s in t.encoded for t in tasks)]
+        with torch.no_grad():  # each split once, all its tasks together
+            by_split = {s: evaluate(trained, s) for s in splits}
+        results = {t.name: {s: by_split[s][t.name] for s in splits if s in t.encoded} for t in tasks}
         state_dict = acc.get_state_dict(trained)
         if acc.is_main_process:
             single = not cfg.tasks
@@ -200,6 +203,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, lr_scale=scale, part=part)
     if not groups:
         raise UserError("no trainable parameters")
+    resume_from = claim_output_dir(accelerator, out, resume, overwrite)  # inputs are good: the run may start
+    save_resolved_config(accelerator, out, to_dict(cfg))
     if accelerator.is_main_process:
         (out / "param_groups.json").write_text(json.dumps(describe_groups(groups), indent=1))
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)

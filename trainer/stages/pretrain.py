@@ -1,6 +1,7 @@
 """Further pre-training (ITPT / IDPT / CDPT — the same job pointed at different text): masked LM (+ optional NSP)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,10 +14,12 @@ from ..corpus.prepare import default_cache_dir, prepare_corpus
 from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
 from ..distributed import make_accelerator
 from ..errors import UserError
-from ..model import build_model, load_tokenizer, max_positions, matmul_params
+from ..masked_head import use_masked_positions_only
+from ..model import build_model, dropped_pooler, load_tokenizer, max_positions, matmul_params
 from ..optim.param_groups import build_param_groups, make_optimizer
 from ..tracking import flops_per_token
-from .common import export_hf, prepare_output_dir, save_resolved_config, validate_train_optim
+from .common import (check_output_dir, claim_output_dir, export_hf, resume_train_config, save_resolved_config,
+                     validate_train_optim)
 
 
 def _builtin_name(cfg: PretrainConfig):
@@ -61,18 +64,21 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
     validate(cfg)
     out = Path(cfg.output_dir)
+    check_output_dir(out, to_dict(cfg), resume, overwrite)
+    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train))
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                                          deepspeed_config=cfg.distributed.deepspeed_config)
-    resume_from = prepare_output_dir(accelerator, out, to_dict(cfg), resume, overwrite)
 
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
         corpora = prepare_corpora(cfg, tokenizer, log=accelerator.print)
     model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed)
+    use_masked_positions_only(model)  # vocabulary logits for the ~15 % masked positions, not all of them
     if cfg.data.seq_len > max_positions(model):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
                         f"({max_positions(model)} max_position_embeddings)")
+    resume_from = claim_output_dir(accelerator, out, resume, overwrite)
     save_resolved_config(accelerator, out, to_dict(cfg))
 
     order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
@@ -104,11 +110,12 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
 
     groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
+    pooler = dropped_pooler(cfg.model, model)  # read now: a hub cache may be gone by the end of a long run
     conf = model.config
     fpt = flops_per_token(matmul_params(model), conf.num_hidden_layers, conf.hidden_size, cfg.data.seq_len)
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt,
-                   export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model"))
+                   export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model", pooler))
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
     finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
     if finished:

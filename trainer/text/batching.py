@@ -2,9 +2,9 @@
 
 Train: each epoch is a (seed, epoch) permutation cut into mega-batches of 50 global batches; inside one, examples
 are sorted by length and cut into global batches whose order is shuffled again. Global batch k is split into one
-micro-batch per rank, so all ranks run the same number of steps (ZeRO-3 needs it) on disjoint examples; the last
-global batch is filled up from the start of the epoch. Hierarchical examples contribute several chunks; the
-encoder sees them flattened as one [chunks, T] tensor with a chunk → document index."""
+micro-batch per rank and accumulation micro-step, so all ranks run the same number of steps (ZeRO-3 needs it) on
+disjoint examples; the last global batch is filled up from the start of the epoch. Hierarchical examples
+contribute several chunks; the encoder sees them flattened as one [chunks, T] tensor with a chunk → document index."""
 from __future__ import annotations
 
 import math
@@ -41,17 +41,22 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return math.ceil(n / global_batch)
 
 
-def rank_train_batches(lengths, micro_batch: int, world: int, rank: int, seed: int, start_sample: int
-                       ) -> Iterator[np.ndarray]:
-    """This rank's micro-batches (example indexes), forever, from global sample `start_sample` on."""
-    g = micro_batch * world
+def rank_train_batches(lengths, micro_batch: int, world: int, rank: int, seed: int, start_sample: int,
+                       grad_accum: int = 1) -> Iterator[np.ndarray]:
+    """This rank's micro-batches (example indexes), forever, from global sample `start_sample` on.
+
+    The grouping unit is the optimizer step's global batch (micro x world x accumulation), cut into `grad_accum`
+    micro-steps of one micro-batch per rank: a run resumed on another world size with the same global batch
+    trains every optimizer step on the same examples."""
+    g = micro_batch * world * grad_accum
     per_epoch = steps_per_epoch(len(lengths), g)
     step = start_sample // g
     while True:
         epoch, k = divmod(step, per_epoch)
-        batches = epoch_global_batches(lengths, g, seed, epoch)
-        for batch in batches[k:]:
-            yield batch[rank * micro_batch:(rank + 1) * micro_batch]
+        for batch in epoch_global_batches(lengths, g, seed, epoch)[k:]:
+            for a in range(grad_accum):
+                first = (a * world + rank) * micro_batch
+                yield batch[first:first + micro_batch]
             step += 1
 
 

@@ -1,0 +1,37 @@
+"""A tiny 3-class text classification set (food / sport / tech by vocabulary), written as jsonl files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS = ["food", "sport", "tech"]
+WORDS = {"sport": "ball goal team match player score", "food": "bread cheese soup apple dinner cook",
+         "tech": "computer code server chip data network"}
+TINY = ("train.max_steps=3", "train.eval_every=3", "data.eval_batch_size=64")
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        words = WORDS[label].split()
+        out.append({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 25))), "label": label})
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_splits(d: Path) -> dict:
+    return {"train": write_jsonl(d / "train.jsonl", rows(48, 1)), "dev": write_jsonl(d / "dev.jsonl", rows(12, 2)),
+            "test": write_jsonl(d / "test.jsonl", rows(9, 3)), "dir": d}
+
+
+def data_overrides(data, **replace) -> list[str]:
+    files = {k: data[k] for k in ("train", "dev", "test")}
+    files.update(replace)
+    return [f"data.{k}={v}" for k, v in files.items()]
