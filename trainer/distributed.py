@@ -136,4 +136,5 @@ def reset_between_stages() -> None:
 def shutdown() -> None:
     """End of a launch script: tear the process group down cleanly."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears its pairs down while another still talks to it
         torch.distributed.destroy_process_group()

@@ -18,14 +18,19 @@ def _is_main_rank() -> bool:
 
 
 def cli_entry(main):
-    """Wrap a launch script's main(): UserError → `error: ...` on stderr and exit 2.
+    """Wrap a launch script's main(): UserError → `error: ...` on stderr and exit 2; success → exit 0.
 
     Only global rank 0 prints, so a 2-rank launch shows the message once."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            main(*args, **kwargs)
+            # done (process group destroyed, wandb finished): leave without interpreter finalisation, where gloo's
+            # C++ worker threads can still be torn down and abort a finished run ("terminate called ...")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         except UserError as exc:
             if _is_main_rank():
                 print(f"error: {exc}", file=sys.stderr, flush=True)
