@@ -26,11 +26,13 @@ def cli_entry(main):
     def wrapper(*args, **kwargs):
         try:
             main(*args, **kwargs)
-            # done (process group destroyed, wandb finished): leave without interpreter finalisation, where gloo's
-            # C++ worker threads can still be torn down and abort a finished run ("terminate called ...")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # done (process group destroyed, wandb finished): leave without interpreter finalisation, where
+                # gloo's C++ worker threads can still abort a finished run ("terminate called ..."). One process
+                # exits normally (profilers and coverage tools write their data at exit).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
         except UserError as exc:
             if _is_main_rank():
                 print(f"error: {exc}", file=sys.stderr, flush=True)
