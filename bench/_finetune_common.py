@@ -59,6 +59,13 @@ def other_cpu(seconds: float = 3.0) -> float:
     return load.mean
 
 
+def repeat_after_quiet(what: str, busy: float, max_load: float) -> None:
+    """Say why a timed run (or pair) is thrown away, then wait for a quiet machine before it is repeated."""
+    print(f"  {what} discarded: other processes used {busy:.2f} cores on average during it (> {max_load}); "
+          f"waiting for a quiet machine and repeating it", flush=True)
+    print("  " + wait_quiet(max_load=max_load), flush=True)
+
+
 def wait_quiet(max_s: float = QUIET_MAX_S, poll_s: float = QUIET_POLL_S, max_load: float = 0.3) -> str:
     """Sleep (poll_s at a time, at most max_s) while other pytest / bench / launch python processes run or other
     processes use more than `max_load` cores (measured over 3 s). → a line saying what happened."""

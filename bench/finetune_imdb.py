@@ -185,9 +185,7 @@ def part_a(args, texts, labels, tt, tl, tokenizer, rng, work: Path, logdir: Path
             if busy <= args.max_load or attempt == args.retries:
                 break
             discarded += 1
-            print(f"  pair {i + 1} discarded: other processes used {busy:.2f} cores on average during it (> "
-                  f"{args.max_load}); waiting for a quiet machine and repeating it", flush=True)
-            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+            F.repeat_after_quiet(f"pair {i + 1}", busy, args.max_load)
         for kind, r in pair.items():
             runs.setdefault(kind, []).append(r)
     still = sum(r["load"].mean > args.max_load for rs in runs.values() for r in rs)

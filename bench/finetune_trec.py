@@ -267,9 +267,7 @@ def main():
             if busy <= args.max_load or attempt == args.retries:
                 break
             discarded += 1
-            print(f"  pair {i + 1} discarded: other processes used {busy:.2f} cores on average during it (> "
-                  f"{args.max_load}); waiting for a quiet machine and repeating it", flush=True)
-            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+            F.repeat_after_quiet(f"pair {i + 1}", busy, args.max_load)
         plain.append(p)
         ours.append(o)
     decayed = None
@@ -280,8 +278,7 @@ def main():
             if decayed["load_mean"] <= args.max_load or attempt == args.retries:
                 break
             discarded += 1
-            print(f"  ξ=0.95 run discarded (other load {decayed['load_mean']:.2f} cores); repeating", flush=True)
-            print("  " + F.wait_quiet(max_load=args.max_load), flush=True)
+            F.repeat_after_quiet("ξ=0.95 run", decayed["load_mean"], args.max_load)
     busy_runs = [r for r in plain + ours + ([decayed] if decayed else []) if r["load_mean"] > args.max_load]
     if discarded or busy_runs:
         print(f"note: {discarded} run(s) discarded for other load; {len(busy_runs)} kept run(s) still saw > "

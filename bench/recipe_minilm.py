@@ -234,9 +234,8 @@ def main():
     ap.add_argument("--layer-decay", type=float, default=0.95)
     ap.add_argument("--lr-scale-after-multitask", type=float, default=0.5)
     ap.add_argument("--pooler", action=argparse.BooleanOptionalAction, default=False,
-                    help="classify through the encoder's pooler (off by default: the pre-training stage exports a "
-                         "masked-LM model without the pooler, so ITPT stages would start from a fresh pooler "
-                         "while FiT starts from MiniLM's)")
+                    help="classify through the encoder's pooler (off by default, as in the recorded run in "
+                         "RESULTS_recipe.md, made while the pre-training export still dropped the pooler)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=None, help="keep data, YAML, run dir and log here (default: temp)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")

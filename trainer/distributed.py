@@ -121,6 +121,23 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds)
 
 
+def decided_by_main(accelerator, decide):
+    """Collective. `decide()` runs on the main process only; every rank returns its result, or raises the same
+    UserError if it raised one — so no rank is left waiting in a collective while another reports the problem."""
+    shared = [None, None]
+    if accelerator.is_main_process:
+        try:
+            shared[0] = decide()
+        except UserError as exc:
+            shared[1] = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(shared)
+    if shared[1] is not None:
+        raise UserError(shared[1])
+    return shared[0]
+
+
 def reset_between_stages() -> None:
     """Forget the last stage's Accelerator (DeepSpeed plugin, precision, accumulation) but keep the process
     group, so the next stage of a recipe builds its own in the same processes."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .distributed import decided_by_main
 from .errors import UserError
 
 UNIVERSAL = "universal"  # the converted copy inside a checkpoint dir
@@ -58,19 +59,18 @@ def needs_conversion(ckpt: Path) -> bool:
 def universal_copy(accelerator, ckpt: Path) -> Path:
     """Collective. The universal conversion of `ckpt`, made once by rank 0 (temp dir, then rename)."""
     target = ckpt / UNIVERSAL
-    problem = [None]
-    if accelerator.is_main_process and not (target / "done").is_file():
+
+    def convert() -> None:
+        if (target / "done").is_file():
+            return
         accelerator.print(f"converting {ckpt} to a DeepSpeed universal checkpoint (world size changed)")
         try:
             _convert(ckpt, target)
-        except Exception as exc:  # reported by every rank below, not left to hang the others
-            problem[0] = (f"cannot convert checkpoint {ckpt} for a new world size: {type(exc).__name__}: "
-                          f"{exc}").splitlines()[0]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        broadcast_object_list(problem)
-    if problem[0]:
-        raise UserError(problem[0])
+        except Exception as exc:  # any converter failure is one line on every rank
+            raise UserError(f"cannot convert checkpoint {ckpt} for a new world size: {type(exc).__name__}: "
+                            f"{exc}".splitlines()[0]) from None
+
+    decided_by_main(accelerator, convert)
     return target
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import yaml
 
 from .. import checkpoint
+from ..distributed import decided_by_main
 from ..errors import UserError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf_model", "wandb")
@@ -46,26 +47,22 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> 
 def claim_output_dir(accelerator, out: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Collective, once the inputs have loaded without error: pick the checkpoint to resume from (rank 0 reads
     every file against the manifest's checksums; all ranks get its choice), or clear the old run (--overwrite)."""
-    found, problem = None, None
-    if accelerator.is_main_process:
+
+    def decide() -> Optional[Path]:
+        found = None
         if resume:
             found = checkpoint.latest_complete(out, log=accelerator.print, verify=True)
             if found is None and checkpoint.list_checkpoints(out):
-                problem = (f"no intact checkpoint in {checkpoint.checkpoint_root(out)} (all torn or corrupted); "
-                           f"pass --overwrite to start the run again")
+                raise UserError(f"no intact checkpoint in {checkpoint.checkpoint_root(out)} (all torn or "
+                                f"corrupted); pass --overwrite to start the run again")
         elif overwrite and out.is_dir():
             for name in RUN_FILES:
                 path = out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if problem is None:
-            out.mkdir(parents=True, exist_ok=True)
-    shared = [found, problem]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        broadcast_object_list(shared)
-    if shared[1]:
-        raise UserError(shared[1])
-    return shared[0]
+        out.mkdir(parents=True, exist_ok=True)
+        return found
+
+    return decided_by_main(accelerator, decide)
 
 
 def resume_train_config(out: Path, resume: bool, train):
