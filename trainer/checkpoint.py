@@ -3,7 +3,12 @@
 A checkpoint is written into `checkpoints/.tmp-step_N`, then `manifest.json` (every file, its size and SHA-256;
 the ranks hash the files between them) is written last and the directory is renamed to `checkpoints/step_N`.
 A directory without a manifest, or whose files differ from it in size (torn write) or content (corruption), is
-never resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes)."""
+never resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes).
+
+What ranks must agree on is read from disk by the main process only and broadcast (`decided_by_main`), never
+read by each rank on its own from a shared filesystem (NFS) whose caches may disagree between nodes: the file list
+the ranks split for hashing, whether `best` is complete, the checkpoint's trainer state and kind on load; pruning
+and the resume source (`stages/common.claim_output_dir`) are the main process's alone."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .distributed import decided_by_main
 from .errors import UserError
 
 PREFIX = "step_"
@@ -84,6 +90,12 @@ def is_complete(path: Path, verify: bool = False) -> bool:
         return False
 
 
+def is_complete_on_main(accelerator, path: Path, verify: bool = False) -> bool:
+    """Collective: `is_complete(path)` as the main process sees it, on every rank (so all of them take the same
+    branch, e.g. whether to load `best`)."""
+    return decided_by_main(accelerator, lambda: is_complete(path, verify))
+
+
 def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
@@ -117,12 +129,16 @@ def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int, nam
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     accelerator.wait_for_everyone()
-    files = _files(tmp)  # each rank hashes every world_size-th file
-    mine = manifest_entries(tmp, files[accelerator.process_index::accelerator.num_processes])
+    # the main process lists the files; each rank hashes every world_size-th file of *that* list
+    names = decided_by_main(accelerator, lambda: _listing(tmp))
+    mine = _hash_share(tmp, names[accelerator.process_index::accelerator.num_processes], accelerator.process_index)
     from accelerate.utils import gather_object
     hashed = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    errors = [part["error"] for part in hashed if part["error"]]
+    if errors:  # every rank holds every part: all raise the same error, none is left waiting
+        raise UserError(f"cannot write the manifest of checkpoint {tmp}: {errors[0]}")
     if accelerator.is_main_process:
-        _write_manifest(tmp, {k: v for part in hashed for k, v in sorted(part.items())})
+        _write_manifest(tmp, {k: v for part in hashed for k, v in sorted(part["files"].items())})
         if final.exists():  # re-saving the same step, or a new best: the old one goes only once the new is whole
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -137,7 +153,22 @@ def save(accelerator, output_dir: Path, state: TrainerState, keep_last: int, nam
     return final
 
 
-def _prune(output_dir: Path, keep_last: int) -> None:
+def _listing(root: Path) -> list[str]:
+    try:
+        return [str(f.relative_to(root)) for f in _files(root)]
+    except OSError as exc:
+        raise UserError(f"cannot list checkpoint {root}: {exc}".splitlines()[0]) from None
+
+
+def _hash_share(root: Path, names: list[str], rank: int) -> dict:
+    """This rank's part of the manifest: {"files": entries, "error": None}, or the first file it cannot read."""
+    try:
+        return {"files": manifest_entries(root, [root / n for n in names]), "error": None}
+    except OSError as exc:
+        return {"files": {}, "error": f"rank {rank} cannot read {exc.filename or root}: {exc.strerror or exc}"}
+
+
+def _prune(output_dir: Path, keep_last: int) -> None:  # main process only
     complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -151,11 +182,19 @@ def load(accelerator, model, optimizer, path: Path, zero_stage: Optional[int]) -
     """Collective. Restore model/optimizer/RNG from `path`; a checkpoint of another world size is re-partitioned.
     `zero_stage`: this run's DeepSpeed ZeRO stage, None without DeepSpeed."""
     from . import reshard
-    state = read_state(path)
-    if (path / "pytorch_model").is_dir() != (zero_stage is not None) or state.zero_stage != zero_stage:
-        raise UserError(f"checkpoint {path} was written {_kind(state.zero_stage)}; this run is "
-                        f"{_kind(zero_stage)} — resume with the same kind of accelerate config")
-    if state.world_size != accelerator.num_processes and reshard.needs_conversion(path):
+
+    def inspect() -> tuple[TrainerState, bool]:  # main process: every rank gets the same state and the same path
+        try:
+            state = read_state(path)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"cannot read {path / 'trainer_state.json'}: {exc}".splitlines()[0]) from None
+        if (path / "pytorch_model").is_dir() != (zero_stage is not None) or state.zero_stage != zero_stage:
+            raise UserError(f"checkpoint {path} was written {_kind(state.zero_stage)}; this run is "
+                            f"{_kind(zero_stage)} — resume with the same kind of accelerate config")
+        return state, state.world_size != accelerator.num_processes and reshard.needs_conversion(path)
+
+    state, convert = decided_by_main(accelerator, inspect)
+    if convert:
         reshard.load_universal(accelerator, model, optimizer, path)
     else:  # same world size, or whole (DDP / single-process) state, which any world size can load
         accelerator.load_state(str(path))
