@@ -41,7 +41,7 @@ def epoch_share(corpus_path: str, tokenizer_spec: str, seq_len: int, micro_batch
     order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
     dataset = PackedDataset(corpora, order)
     collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
-                          cfg.data.max_predictions, cfg.data.nsp)
+                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
     sampler = RankBatches(0, 0, 1, cfg.train.micro_batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)

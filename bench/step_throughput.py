@@ -57,7 +57,7 @@ def make_batches(cfg, n: int):
     order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
     dataset = PackedDataset(corpora, order)
     collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
-                          cfg.data.max_predictions, cfg.data.nsp)
+                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatches(0, 0, 1, cfg.train.micro_batch_size),
                                          collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
                                          num_workers=0)

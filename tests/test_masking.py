@@ -194,7 +194,8 @@ def test_nsp_pairs(tiny_tokenizer):
         row = np.concatenate([[tok.cls_token_id], body[:n_real], [tok.sep_token_id],
                               np.full(SEQ - 2 - n_real, tok.pad_token_id)]).astype(np.int64)
         rows.append(row)
-    batch = MLMCollator(tok, seed=2, nsp=True)(_items(rows))
+    partner = lambda pos: rows[(3 * pos + 1) % 400]  # never the row itself
+    batch = MLMCollator(tok, seed=2, nsp=True, partner=partner)(_items(rows))
     ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
     tt, nsp = batch["token_type_ids"].numpy(), batch["next_sentence_label"].numpy()
     assert ids.shape == tt.shape == (400, SEQ)
@@ -219,17 +220,114 @@ def test_nsp_pairs(tiny_tokenizer):
             assert np.array_equal(np.concatenate([a, b]), bodies[i][:SEQ - 3])
         else:
             assert np.array_equal(a, bodies[i][:a.size])
-            other = bodies[(i + 1) % 400]
+            other = bodies[(3 * i + 1) % 400]
             assert b.size >= 1 and np.array_equal(b, other[-b.size:])
     assert (labels != -100).any()
 
 
 def test_nsp_deterministic(tiny_tokenizer):
     rows = _rows(tiny_tokenizer, 6, pad_tail=False)
-    a = MLMCollator(tiny_tokenizer, seed=2, nsp=True)(_items(rows, 40))
-    b = MLMCollator(tiny_tokenizer, seed=2, nsp=True)(_items(rows, 40))
+    partner = lambda pos: rows[(pos + 3) % 6]
+    a = MLMCollator(tiny_tokenizer, seed=2, nsp=True, partner=partner)(_items(rows, 40))
+    b = MLMCollator(tiny_tokenizer, seed=2, nsp=True, partner=partner)(_items(rows, 40))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _corpus(tmp_path, tok, n_rows, name="a", seed=0):
+    """A prepared corpus on disk (one uint16 shard of `_rows`), as `prepare_corpus` writes it."""
+    from trainer.corpus.prepare import PreparedCorpus
+    rows = np.stack(_rows(tok, n_rows, seed=seed))
+    d = tmp_path / name
+    d.mkdir()
+    rows.astype("uint16").tofile(d / "shard_00000.bin")
+    return PreparedCorpus(d, {"rows": n_rows, "shards": [["shard_00000.bin", n_rows]], "dtype": "uint16",
+                              "seq_len": SEQ}), rows
+
+
+def test_nsp_needs_a_partner_source(tiny_tokenizer):
+    with pytest.raises(ValueError, match="partner"):
+        MLMCollator(tiny_tokenizer, seed=0, nsp=True)
+
+
+def test_nsp_negatives_at_micro_batch_one(tiny_tokenizer, tmp_path):
+    """A micro-batch of one row gets negatives too: B from another corpus row, picked by the reader for the
+    row's stream position."""
+    from trainer.corpus.reader import GlobalOrder, PackedDataset
+    tok = tiny_tokenizer
+    corpus, rows = _corpus(tmp_path, tok, 60)
+    order = GlobalOrder([corpus], [1.0], seed=3)
+    ds = PackedDataset([corpus], order)
+    col = MLMCollator(tok, seed=3, nsp=True, partner=ds.partner_row)
+    body = lambda r: r[1:][r[1:] != tok.pad_token_id][:-1]
+    labels, partners = [], set()
+    for pos in range(300):  # five epochs
+        batch = col([ds[pos]])
+        label = int(batch["next_sentence_label"][0])
+        labels.append(label)
+        ids = torch.where(batch["labels"][0] != -100, batch["labels"][0], batch["input_ids"][0]).numpy()
+        n = int(batch["attention_mask"][0].sum())
+        first_b = int(np.argmax(batch["token_type_ids"][0].numpy()))  # rows hold inner [SEP]s: split by type
+        a, b = ids[1:first_b - 1], ids[first_b:n - 1]
+        own = body(rows[order.row_at(pos)])
+        assert np.array_equal(a, own[:a.size])
+        if label == 0:
+            assert np.array_equal(np.concatenate([a, b]), own[:SEQ - 3])
+        else:
+            other = order.partner_row(pos)
+            assert other is not None and other != order.row_at(pos)
+            assert b.size >= 1 and np.array_equal(b, body(rows[other])[-b.size:])
+            assert not np.array_equal(b, own[a.size:a.size + b.size])
+            partners.add(other)
+    assert 0.4 < np.mean(labels) < 0.6
+    assert len(partners) > 30  # drawn from across the corpus, not a fixed neighbour
+
+
+def test_nsp_pairs_independent_of_micro_batch_and_world_size(tiny_tokenizer, tmp_path):
+    """Every stream position gets the same (A, B, label, masks) whatever the world size and micro-batch split."""
+    from trainer.corpus.reader import GlobalOrder, PackedDataset, RankBatches
+    tok = tiny_tokenizer
+    corpus, _ = _corpus(tmp_path, tok, 25)
+    order = GlobalOrder([corpus], [1.0], seed=1)
+    ds = PackedDataset([corpus], order)
+    col = MLMCollator(tok, seed=1, nsp=True, partner=ds.partner_row)
+    total = 48
+
+    def run(world, mb):
+        seen = {}
+        for rank in range(world):
+            batches = iter(RankBatches(0, rank, world, mb))
+            for _ in range(total // (world * mb)):
+                batch = col([ds[p] for p in next(batches)])
+                for i, pos in enumerate(batch["positions"].tolist()):
+                    seen[pos] = tuple(batch[k][i].tolist() for k in
+                                      ("input_ids", "labels", "token_type_ids", "next_sentence_label"))
+        assert sorted(seen) == list(range(total))
+        return seen
+
+    reference = run(1, 1)
+    assert 0.3 < np.mean([v[3] for v in reference.values()]) < 0.7
+    for world, mb in [(1, 8), (2, 3), (3, 2), (4, 1), (2, 12)]:
+        assert run(world, mb) == reference, (world, mb)
+    # a resumed reader (fresh objects, e.g. another process) draws the same pairs
+    ds2 = PackedDataset([corpus], GlobalOrder([corpus], [1.0], seed=1))
+    again = MLMCollator(tok, seed=1, nsp=True, partner=ds2.partner_row)([ds2[p] for p in range(7, 19)])
+    for i, pos in enumerate(range(7, 19)):
+        assert again["input_ids"][i].tolist() == reference[pos][0]
+        assert int(again["next_sentence_label"][i]) == reference[pos][3]
+
+
+def test_partner_rows_follow_the_mixture(tiny_tokenizer, tmp_path):
+    from trainer.corpus.reader import GlobalOrder
+    a, _ = _corpus(tmp_path, tiny_tokenizer, 20, "a")
+    b, _ = _corpus(tmp_path, tiny_tokenizer, 10, "b", seed=1)
+    off = GlobalOrder([a, b], [1.0, 0.0], seed=0)  # weight 0: b's rows are never read, nor used as negatives
+    picks = [off.partner_row(p) for p in range(200)]
+    assert all(r is not None and 0 <= r < 20 and r != off.row_at(p) for p, r in enumerate(picks))
+    assert picks == [GlobalOrder([a, b], [1.0, 0.0], seed=0).partner_row(p) for p in range(200)]
+    assert picks != [GlobalOrder([a, b], [1.0, 0.0], seed=1).partner_row(p) for p in range(200)]
+    one, _ = _corpus(tmp_path, tiny_tokenizer, 1, "one")
+    assert GlobalOrder([one], [1.0], seed=0).partner_row(5) is None  # no other row: the pair stays positive
 
 
 def test_max_predictions_is_a_hard_cap_with_whole_word_masking(tiny_tokenizer):

@@ -27,11 +27,6 @@ def peak_flops() -> Optional[float]:
     return None
 
 
-def flops_per_token(n_matmul_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matmuls plus 12·L·d·s for attention scores (PaLM appendix B)."""
-    return 6.0 * n_matmul_params + 12.0 * n_layers * hidden * seq_len
-
-
 class Tracker:
     def __init__(self, output_dir: Path, is_main: bool, wandb_cfg: WandbConfig, run_config: dict,
                  total_steps: int, start_step: int, wandb_id: Optional[str], flops_per_token: Optional[float],
@@ -60,6 +55,7 @@ class Tracker:
         """Write one metrics line (main process) and mirror it to wandb and the bar."""
         if not self.is_main:
             return
+        # flops_per_token: trainer/flops.py (the model's FLOPs per real token); tokens_per_second: all ranks
         if self.flops_per_token and self.peak and "tokens_per_second" in record:
             record["mfu"] = record["tokens_per_second"] * self.flops_per_token / (self.peak * self.world_size)
         with self.path.open("a") as f:

@@ -1,10 +1,12 @@
 """Dynamic masked-LM collation (15 %, 80/10/10), optional whole-word masking and next-sentence prediction.
 
 Every random choice for a sample is drawn from an RNG seeded by (seed, stream position): masks differ every
-epoch (the position grows), yet are identical after a resume or on another world size."""
+epoch (the position grows), yet are identical after a resume or on another world size. NSP negatives too: their
+B segment comes from a row the reader picks for that position (`PackedDataset.partner_row`), never from the other
+rows of the micro-batch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,9 +29,15 @@ def continuation_table(tokenizer) -> np.ndarray:
 
 class MLMCollator:
     def __init__(self, tokenizer, seed: int, mlm_probability: float = 0.15, whole_word_mask: bool = False,
-                 max_predictions: Optional[int] = None, nsp: bool = False):
+                 max_predictions: Optional[int] = None, nsp: bool = False,
+                 partner: Optional[Callable[[int], Optional[np.ndarray]]] = None):
+        """partner (needed with nsp): stream position → the token row whose tail becomes B of a negative pair, or
+        None when the corpus has no other row — `PackedDataset.partner_row`, a function of the position only."""
+        if nsp and partner is None:
+            raise ValueError("nsp=True needs partner= (e.g. PackedDataset.partner_row) to draw negative pairs")
         self.seed, self.p, self.wwm, self.max_pred, self.nsp = seed, mlm_probability, whole_word_mask, \
             max_predictions, nsp
+        self.partner = partner
         self.mask_id = tokenizer.mask_token_id
         self.pad_id, self.cls_id, self.sep_id = tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id
         self.vocab_size = len(tokenizer)
@@ -43,7 +51,7 @@ class MLMCollator:
         token_types = None
         nsp_labels = None
         if self.nsp:
-            rows, token_types, nsp_labels = self._make_pairs(rows, rngs)
+            rows, token_types, nsp_labels = self._make_pairs(positions, rows, rngs)
         ids = np.stack(rows)
         attention = torch.from_numpy(ids != self.pad_id).long()
         labels = np.full_like(ids, -100)
@@ -90,25 +98,31 @@ class MLMCollator:
                 break
         return np.array(chosen, dtype=np.int64)
 
-    def _make_pairs(self, rows, rngs):
-        """Split each row's body into A|B. Half keep the true continuation (label 0); half take B from the
-        next sample of the batch (label 1): [CLS] A [SEP] B [SEP], same length as the input row."""
+    def _body(self, row: np.ndarray) -> np.ndarray:
+        return row[1:][row[1:] != self.pad_id][:-1]  # strip [CLS], padding, final [SEP]
+
+    def _make_pairs(self, positions, rows, rngs):
+        """Split each row's body into A|B. Half keep the true continuation (label 0); half (label 1) take B from
+        the tail of the row `self.partner` picks for the sample's stream position: [CLS] A [SEP] B [SEP], same
+        length as the input row. Cut, coin and partner depend on the position only, so a pair is the same in a
+        micro-batch of one or of many, on any number of ranks."""
         seq_len = rows[0].size
-        bodies = [r[1:][r[1:] != self.pad_id][:-1] for r in rows]  # strip [CLS], padding, final [SEP]
         out_rows, types, labels = [], [], []
-        for i, (body, rng) in enumerate(zip(bodies, rngs)):
-            body = body[: seq_len - 3]
+        for pos, row, rng in zip(positions, rows, rngs):
+            body = self._body(row)[: seq_len - 3]
             cut = int(rng.integers(1, max(2, body.size)))
             a, b = body[:cut], body[cut:]
             label = 0
-            if rng.random() < 0.5 and len(rows) > 1:
-                other = bodies[(i + 1) % len(rows)]
-                b = other[-b.size:] if b.size else other[:0]
-                label = 1
-            row = np.concatenate([[self.cls_id], a, [self.sep_id], b, [self.sep_id]])
+            if rng.random() < 0.5:
+                other = self.partner(pos)
+                other = self._body(other) if other is not None else other
+                if other is not None and other.size and b.size:
+                    b = other[-b.size:]
+                    label = 1
+            pair = np.concatenate([[self.cls_id], a, [self.sep_id], b, [self.sep_id]])
             tt = np.concatenate([np.zeros(a.size + 2, np.int64), np.ones(b.size + 1, np.int64)])
-            pad = seq_len - row.size
-            out_rows.append(np.concatenate([row, np.full(pad, self.pad_id)]).astype(np.int64))
+            pad = seq_len - pair.size
+            out_rows.append(np.concatenate([pair, np.full(pad, self.pad_id)]).astype(np.int64))
             types.append(np.concatenate([tt, np.zeros(pad, np.int64)]))
             labels.append(label)
         return out_rows, types, labels

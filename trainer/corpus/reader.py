@@ -5,7 +5,7 @@ covers positions [k·W·b, (k+1)·W·b); rank r reads its own contiguous b of th
 resumed on another number of ranks continues at the same global sample."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,20 @@ class GlobalOrder:
         epoch, i = divmod(position, self.epoch_len)
         return int(self.epoch(epoch)[i])
 
+    def partner_row(self, position: int, tries: int = 10) -> Optional[int]:
+        """Another row for the sample at `position` (NSP negatives): a stream position of the same epoch drawn by
+        an RNG seeded by (seed, position) — so the mixture weights hold and the choice depends on nothing but the
+        position (not the micro-batch, not the world size) — redrawn while it maps to the sample's own row.
+        None when `tries` draws found no other row (a one-row corpus)."""
+        epoch, i = divmod(position, self.epoch_len)
+        order = self.epoch(epoch)
+        rng = np.random.default_rng([self.seed, 11, position])
+        for _ in range(tries):
+            other = int(order[rng.integers(self.epoch_len)])
+            if other != order[i]:
+                return other
+        return None
+
 
 class PackedDataset(torch.utils.data.Dataset):
     """Map-style view: item = global stream position → (position, token row). Shards are opened lazily
@@ -61,10 +75,17 @@ class PackedDataset(torch.utils.data.Dataset):
             self._maps[i] = np.memmap(path, dtype=dtype, mode="r", shape=(rows, seq_len))
         return self._maps[i]
 
-    def __getitem__(self, position: int):
-        row = self.order.row_at(position)
+    def _read(self, row: int) -> np.ndarray:
         shard = int(np.searchsorted(self.shard_offsets, row, side="right") - 1)
-        return position, np.array(self._shard(shard)[row - self.shard_offsets[shard]], dtype=np.int64)
+        return np.array(self._shard(shard)[row - self.shard_offsets[shard]], dtype=np.int64)
+
+    def __getitem__(self, position: int):
+        return position, self._read(self.order.row_at(position))
+
+    def partner_row(self, position: int) -> Optional[np.ndarray]:
+        """The token row `GlobalOrder.partner_row` picks for `position` (NSP negatives; `MLMCollator(partner=…)`)."""
+        row = self.order.partner_row(position)
+        return None if row is None else self._read(row)
 
     def __len__(self):  # the stream is infinite; DataLoader only needs this for sampler-less use
         return self.order.epoch_len
