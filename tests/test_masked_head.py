@@ -53,3 +53,43 @@ def test_pretraining_heads_keep_their_own_forward():
     conf = AutoConfig.for_model("bert", vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=64)
     assert not use_masked_positions_only(AutoModelForPreTraining.from_config(conf))
+
+
+# every family the README lists, plus the other model types trainer/masked_head.py claims; `True`: it must take the
+# masked-positions-only path, `False`: it must decline and keep HF's own forward
+FAMILIES = {"bert": True, "roberta": True, "xlm-roberta": True, "camembert": True, "albert": True,
+            "electra": False, "deberta-v2": False, "distilbert": False}
+
+
+def _tiny_config(model_type: str):
+    if model_type == "distilbert":
+        return AutoConfig.for_model(model_type, vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                    max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    extra = {"embedding_size": 16} if model_type in ("electra", "albert") else {}
+    return AutoConfig.for_model(model_type, vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_either_takes_the_masked_path_exactly_or_declines(model_type):
+    """Patched or not, the loss and every gradient are HF's: a family the module does not know must be left alone
+    (False, no instance `forward`), never run through a head that would silently compute something else."""
+    conf = _tiny_config(model_type)
+    torch.manual_seed(0)
+    full = AutoModelForMaskedLM.from_config(conf)
+    fast = AutoModelForMaskedLM.from_config(conf)
+    fast.load_state_dict(full.state_dict())
+    patched = use_masked_positions_only(fast)
+    assert patched is FAMILIES[model_type]
+    assert ("forward" in vars(fast)) is patched  # declining leaves the class's forward in place
+    batch = _batch(300)
+    a, b = full(**batch).loss, fast(**batch).loss
+    assert b.item() == pytest.approx(a.item(), rel=1e-5)
+    a.backward()
+    b.backward()
+    for (name, p), q in zip(full.named_parameters(), fast.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
