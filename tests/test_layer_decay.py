@@ -167,3 +167,27 @@ def test_describe_groups_sizes_add_up(freeze):
         assert len(report) == 2  # classifier weight (decayed) and bias (not)
     import json
     json.dumps(report)  # what param_groups.json holds must serialise
+
+
+def _albert():
+    from transformers import AlbertConfig, AlbertModel
+    return AlbertModel(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=L,
+                                    num_attention_heads=2, intermediate_size=48, max_position_embeddings=64))
+
+
+def test_albert_shared_block_is_one_depth():
+    """ALBERT applies one shared block L times: that block is depth 1 of 1 (lr·ξ⁰), the embeddings and the
+    embedding projection lr·ξ, pooler and head the base lr."""
+    model = classifier_over(_albert)
+    depths, num_layers = parameter_depths(model, model.encoder)
+    assert num_layers == 1
+    for name, depth in depths.items():
+        if ".albert_layer_groups.0." in name:
+            assert depth == 1, name
+        elif name.startswith(("encoder.embeddings.", "encoder.encoder.embedding_hidden_mapping_in.")):
+            assert depth == 0, name
+        else:
+            assert name.startswith(("encoder.pooler.", "heads.")) and depth == 2, name
+    scale, _ = layer_decay_scales(model, model.encoder, XI)
+    assert scale("encoder.embeddings.word_embeddings.weight") == pytest.approx(XI)
+    assert scale("encoder.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight") == 1.0

@@ -114,7 +114,7 @@ def test_group_schedule_keeps_ratios(name):
     p1, p2, p3 = (nn.Parameter(torch.zeros(2)) for _ in range(3))
     opt = torch.optim.AdamW([{"params": [p1], "lr": 1e-3}, {"params": [p2], "lr": 2.5e-4},
                              {"params": [p3], "lr": 1e-5}], lr=7.0)
-    sched = GroupSchedule(opt, cfg, 50)
+    sched = GroupSchedule(opt, cfg, 50, [1e-3, 2.5e-4, 1e-5])
     for step in [0, 1, 3, 5, 6, 20, 37, 49, 50, 60, 20]:
         lrs = sched.set_step(step)
         f = multiplier(cfg, step, 50)
@@ -123,9 +123,19 @@ def test_group_schedule_keeps_ratios(name):
     sched.set_step(20)
     sched.set_step(20)  # idempotent: factors never compound
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * multiplier(cfg, 20, 50))
-    # a second schedule over the same optimizer keeps the original base lrs
-    again = GroupSchedule(opt, cfg, 50)
-    assert again.set_step(10) == pytest.approx([x * multiplier(cfg, 10, 50) for x in (1e-3, 2.5e-4, 1e-5)])
+    # loading optimizer state replaces the group dicts (as DeepSpeed's loaders do): the schedule still reaches them
+    opt.load_state_dict(opt.state_dict())
+    assert sched.set_step(10) == pytest.approx([x * multiplier(cfg, 10, 50) for x in (1e-3, 2.5e-4, 1e-5)])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([x * multiplier(cfg, 10, 50)
+                                                                  for x in (1e-3, 2.5e-4, 1e-5)])
+
+
+def test_group_schedule_gate_zeroes_groups():
+    cfg = OptimConfig(scheduler="constant")
+    opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(2))], "lr": 1.0} for _ in range(3)])
+    sched = GroupSchedule(opt, cfg, 10, [1.0, 2.0, 3.0], gate=lambda step: [1.0, float(step % 2), 0.0])
+    assert sched.set_step(1) == [1.0, 2.0, 0.0]
+    assert sched.set_step(2) == [1.0, 0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- parameter groups

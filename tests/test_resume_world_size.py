@@ -82,3 +82,23 @@ def test_pretrain_zero2_moves_2_to_3_ranks_and_reads_each_sample_once(tmp_path, 
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-9)
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
     assert max_diff(weights(ref), weights(moved)) <= 1e-5
+
+
+def test_ddp_checkpoint_resumed_on_one_process_steps_where_the_uninterrupted_run_does(tmp_path, cache):
+    """DDP state is whole, so one process loads it directly — but accelerate's restored micro-step counter was
+    counted with 2 ranks × accumulation 1; on 1 rank × accumulation 2 a stop at an odd step would put every
+    optimizer step one micro-batch early. Losses must follow the uninterrupted run."""
+    common = [*NO_DROPOUT, "head.dropout=0", "train.max_steps=6", "train.micro_batch_size=6", "train.log_every=1",
+              "train.eval_every=100", "optim.layer_decay=0.8"]
+    ft = dict(cache=cache, script="finetune.py", config="configs/finetune/tiny.yaml")
+    ref, moved = tmp_path / "ref", tmp_path / "moved"
+    run("cpu_ddp", ref, *common, **ft)
+    run("cpu_ddp", moved, *common, "train.stop_at_step=3", **ft)
+    proc = run(None, moved, *common, **ft, flags=["--resume"])
+    assert "micro_batch_size 6 x grad_accum 2" in proc.stdout
+    a, b = [r for r in metrics(ref) if "loss" in r], [r for r in metrics(moved) if "loss" in r]
+    assert [r["world_size"] for r in b] == [2, 2, 2, 1, 1, 1]
+    assert [r["engine"] for r in b] == ["ddp"] * 3 + ["single"] * 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+    assert max_diff(weights(ref), weights(moved)) <= 1e-5

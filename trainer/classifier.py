@@ -190,6 +190,7 @@ class Classifier(nn.Module):
         state_dict = self.task_state_dict(state_dict, task)
         target.mkdir(parents=True)
         conf = self.encoder.config
+        conf.dtype = torch.float32  # the exported weights are fp32 (transformers 5 reloads in the saved dtype)
         conf.id2label = {i: str(lab) for i, lab in enumerate(labels)}
         conf.label2id = {str(lab): i for i, lab in enumerate(labels)}
         recipe = {"labels": labels, "text_fields": list(text_fields), "head": vars(self.head_cfg),
@@ -228,7 +229,7 @@ class Classifier(nn.Module):
         if not (path / RECIPE_FILE).is_file():
             raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
         recipe = json.loads((path / RECIPE_FILE).read_text())
-        encoder = encoder or AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+        encoder = encoder or AutoModel.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
         model = cls(encoder, len(recipe["labels"]), HeadConfig(**recipe["head"]), TextConfig(**recipe["text"]))
         state = load_file(str(path / "model.safetensors"))
         if recipe["format"] == "hf":

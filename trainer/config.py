@@ -35,9 +35,12 @@ class ModelConfig:
     config: Optional[dict] = None  # architecture kwargs (e.g. model_type: bert, hidden_size: 64) for random init
     tokenizer: Optional[str] = None  # path/hub name; default name_or_path; `builtin` → trained on the corpus
     tokenizer_vocab_size: int = 2000  # for the builtin tokenizer
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # auto: accelerate's --mixed_precision / config (bf16 | fp16) if it sets one, else fp32
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    # auto: sdpa where the model supports it, else eager (logged); an explicit choice the model lacks is an error
+    attn_implementation: str = "auto"  # auto | sdpa | eager
+    tokenizer_mismatch_ok: bool = False  # allow a tokenizer whose vocabulary differs from the pretrained model's
     compile: bool = False  # torch.compile the model (GPU throughput; not with ZeRO-3)
 
 
@@ -59,14 +62,15 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps; -1 → run `epochs`
     epochs: float = 1.0
     micro_batch_size: int = 8  # per rank, per forward pass
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    grad_accum: Optional[int] = None  # None: accelerate's gradient_accumulation_steps if set, else 1
+    max_grad_norm: Optional[float] = None  # None: accelerate's gradient_clipping if set, else 1.0; 0 disables
     log_every: int = 10
     save_every: int = 500  # 0 → only at the end
     keep_last: int = 3
     eval_every: int = 0  # fine-tuning: dev evaluation every N steps; 0 → once per epoch
     stop_at_step: int = 0  # >0: checkpoint and exit after this step, schedule unchanged (time-boxed jobs)
-    trace_samples: bool = False  # write each rank's stream positions to <output_dir>/samples/rank<r>.txt
+    # per rank, <output_dir>/samples/rank<r>.txt: stream positions (pre-training), step task examples (fine-tuning)
+    trace_samples: bool = False
 
 
 @dataclass
@@ -225,8 +229,8 @@ _LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource, (FinetuneConf
                     (RecipeConfig, "tasks"): TaskConfig}
 
 CHOICES = {
-    "model.precision": ("fp32", "bf16", "fp16"),
-    "model.attn_implementation": ("sdpa", "eager"),
+    "model.precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.attn_implementation": ("auto", "sdpa", "eager"),
     "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
                         "polynomial"),
     "wandb.mode": ("online", "offline", "disabled"),

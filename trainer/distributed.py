@@ -26,6 +26,8 @@ class Topology:
     rank: int
     zero_stage: int  # 0 also for plain DDP / single process
     deepspeed: bool
+    precision: str = "fp32"
+    offload: str = "none"  # DeepSpeed offload, e.g. "optimizer=cpu,param=cpu"
 
 
 def load_deepspeed_config(path: str) -> dict:
@@ -77,6 +79,9 @@ def fill_deepspeed_config(ds: dict, micro_batch: int, grad_accum: int, max_grad_
 def init_processes(use_ds: bool):
     """Form the process group (once per process) and check it spans every launched process."""
     from accelerate import PartialState
+    if use_ds and "WORLD_SIZE" not in os.environ:  # DeepSpeed in one plain process (no launcher)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     if not torch.cuda.is_available():  # without GPUs accelerate forms no group (DeepSpeed) or a 1-process one (DDP)
         PartialState(backend="gloo") if use_ds else PartialState(cpu=True)
     state = PartialState()
@@ -91,34 +96,116 @@ def uses_deepspeed(deepspeed_config: Optional[str]) -> bool:
     return bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def _rank0_print(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
+
+
+def _launcher_value(name: str) -> Optional[str]:
+    """An `accelerate launch` setting (its config file or flags) as the launcher passed it to the ranks."""
+    value = os.environ.get(name, "").strip().lower()
+    return value if value not in ("", "auto", "none") else None
+
+
+def _adopt(key: str, ours, theirs, launcher_name: str, default, log):
+    """`ours` None/"auto": take the launcher's value (logged) or the default; both set and different: refuse."""
+    if theirs is None:
+        return default if ours in (None, "auto") else ours
+    if ours in (None, "auto"):
+        log(f"{key}={theirs} (from accelerate's {launcher_name})")
+        return theirs
+    if ours != theirs:
+        raise UserError(f"accelerate's {launcher_name}={theirs} contradicts {key}={ours}; make them agree or "
+                        f"remove one")
+    return ours
+
+
+def resolve_launch_settings(cfg, log=_rank0_print):
+    """The run config with `auto` precision / unset accumulation and clipping taken from `accelerate launch`
+    (`accelerate config` answers, or --mixed_precision / --gradient_accumulation_steps / --gradient_clipping),
+    and a contradiction between the two refused in one line — never silently dropped. accelerate sets
+    ACCELERATE_MIXED_PRECISION=no when nothing was asked for, so "no" counts as unset."""
+    from dataclasses import replace
+    mp = _launcher_value("ACCELERATE_MIXED_PRECISION")
+    if mp not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"accelerate's mixed_precision={mp} is not supported; use bf16, fp16 or no")
+    precision = _adopt("model.precision", cfg.model.precision, None if mp == "no" else mp, "mixed_precision",
+                       "fp32", log)
+    ga = _launcher_value("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    grad_accum = _adopt("train.grad_accum", cfg.train.grad_accum, int(ga) if ga else None,
+                        "gradient_accumulation_steps", 1, log)
+    clip = _launcher_value("ACCELERATE_GRADIENT_CLIPPING")
+    max_grad_norm = _adopt("train.max_grad_norm", cfg.train.max_grad_norm, float(clip) if clip else None,
+                           "gradient_clipping", 1.0, log)
+    return replace(cfg, model=replace(cfg.model, precision=precision),
+                   train=replace(cfg.train, grad_accum=grad_accum, max_grad_norm=max_grad_norm))
+
+
+_ZERO_FROM_LAUNCHER = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "stage",
+                       "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer",
+                       "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param"}
+
+
+def _deepspeed_dict(ds_path: Optional[str]) -> dict:
+    """The DeepSpeed config: the JSON (run config or accelerate config), or — for an accelerate config made
+    without a JSON — its zero_stage and offload devices. A JSON together with launcher ZeRO settings that
+    contradict it is refused (DeepSpeed would run the JSON and drop the others)."""
+    launcher = {key: _launcher_value(env) for env, key in _ZERO_FROM_LAUNCHER.items()}
+    if ds_path:
+        ds = load_deepspeed_config(ds_path)
+        zero = ds.get("zero_optimization", {})
+        found = {"stage": str(zero.get("stage", 0)),
+                 "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+                 "offload_param": zero.get("offload_param", {}).get("device", "none")}
+        for key, value in launcher.items():
+            if value is not None and value != "none" and str(found[key]).lower() != value:
+                raise UserError(f"accelerate's {key}={value} contradicts {ds_path} ({key}={found[key]}); set it in "
+                                f"one place")
+        return ds
+    zero = {"stage": int(launcher["stage"] or 2)}
+    for key in ("offload_optimizer", "offload_param"):
+        if launcher[key] not in (None, "none"):
+            zero[key] = {"device": launcher[key]}
+    return {"zero_optimization": zero}
+
+
 def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_grad_norm: float,
-                     deepspeed_config: Optional[str]):
-    """Return (accelerator, topology). Reads the DS JSON named by the run config or the accelerate config."""
+                     deepspeed_config: Optional[str], find_unused_parameters: bool = False):
+    """Return (accelerator, topology). Reads the DS JSON named by the run config or the accelerate config.
+
+    `find_unused_parameters`: under DDP, parameters a step may not use (heads of tasks not drawn, layers above
+    the one read) are marked ready by the reducer instead of stalling it."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, GradientAccumulationPlugin
 
     use_ds = uses_deepspeed(deepspeed_config)
-    ds_path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    ds = load_deepspeed_config(ds_path) if use_ds and ds_path and ds_path != "none" else None
-    if use_ds and "WORLD_SIZE" not in os.environ:  # DeepSpeed in one plain process (no launcher)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    # read, never popped: every stage of a recipe (and a requeued one) runs under the setup it was launched with
+    ds_path = deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    ds_path = None if ds_path == "none" else ds_path
     cpu = not torch.cuda.is_available()
+    if cpu and precision == "fp16":  # both DeepSpeed's CPU accelerator and accelerate's CPU autocast refuse it
+        raise UserError("model.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
+    ds = _deepspeed_dict(ds_path) if use_ds else None
     state = init_processes(use_ds)
     plugin = None
-    zero_stage = 0
+    zero_stage, offload = 0, "none"
     if use_ds:
-        if ds is None:  # accelerate config without a JSON file: build from its zero_stage
-            ds = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
         ds = fill_deepspeed_config(ds, micro_batch, grad_accum, max_grad_norm, precision, state.num_processes)
-        zero_stage = int(ds["zero_optimization"]["stage"])
+        zero = ds["zero_optimization"]
+        zero_stage = int(zero["stage"])
         if zero_stage == 3:  # needed to export a consolidated HF model at the end
-            ds["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
-        os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)  # the plugin below is the only source of truth
+            zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        offload = ",".join(f"{k.split('_')[1]}={zero[k]['device']}" for k in ("offload_optimizer", "offload_param")
+                           if zero.get(k, {}).get("device", "none") != "none") or "none"
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
+        if _launcher_value("ACCELERATE_DEEPSPEED_ZERO3_INIT") == "true":
+            _rank0_print("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin, cpu=cpu and not use_ds,
-                              gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
-    return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds)
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds,
+                                 precision, offload)
 
 
 def decided_by_main(accelerator, decide):

@@ -37,6 +37,8 @@ class Job:
     # `select_metric` averaged over tasks and restores it before `export`, which then evaluates test once
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
     select_metric: str = "accuracy"
+    # step → a factor per optimizer group (multi-task: 0 for the heads of tasks not drawn, so they do not move)
+    lr_gate: Optional[Callable[[int], list]] = None
 
 
 @dataclass
@@ -76,12 +78,18 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         state = checkpoint.load(accelerator, model, job.optimizer, resume_from, zero)
         moved = f", written by {state.world_size} ranks" if state.world_size != topo.world_size else ""
         accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
+    # accelerate's restored micro-step counter was counted with the checkpoint's grad_accum; after a move to
+    # another world size that differs, so it is set from the optimizer step (where accumulation windows start)
+    accelerator.step = state.step * train.grad_accum
     if accelerator.is_main_process:  # lines logged after the checkpoint (or before any) by a killed run are redone
         _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
     state.world_size, state.global_batch, state.zero_stage = topo.world_size, samples_per_step, zero
-    # the groups DeepSpeed really steps: setting lr on them is what reaches the optimizer shards
-    schedule = GroupSchedule(job.optimizer, cfg.optim, steps, base_lrs)
+    # the optimizer the engine really steps (DeepSpeed's may not be the one built here): lrs are set on its groups
+    schedule = GroupSchedule(optimizer.optimizer, cfg.optim, steps, base_lrs, job.lr_gate)
     lrs = schedule.set_step(state.step)
+    facts = engine_facts(model, optimizer, topo)
+    accelerator.print("engine: " + " · ".join(f"{k} {v}" for k, v in facts.items()))
+    fp16 = facts["precision"] == "fp16"
 
     tracker = Tracker(cfg.output_dir, accelerator.is_main_process, cfg.wandb, cfg.run_config, steps, state.step,
                       state.wandb_id, job.flops_per_token, topo.world_size)
@@ -90,8 +98,13 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     model.train()
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=device)
     tokens_sum = torch.zeros((), device=device)
-    window_steps, t_window = 0, time.perf_counter()
+    window_steps, t_window, skipped = 0, time.perf_counter(), 0
+
+    def guard():  # collective, before every save (see _check_window_finite)
+        _check_window_finite(accelerator, loss_sum, state.step, cfg.output_dir)
+
     last: dict = {}
     stop = StopRequest()
     try:
@@ -107,43 +120,50 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                         accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float()
+                step_loss += loss.detach().float()
                 tokens_sum += job.tokens(batch)
+            if fp16 and optimizer.step_was_skipped:  # the loss scaler skipped an overflowing step (weights did
+                skipped += 1                         # not move): not an error, and not part of the logged loss
+            else:
+                loss_sum += step_loss
+                window_steps += 1
+            step_loss.zero_()
             state.step += 1
             state.samples += samples_per_step
-            window_steps += 1
             lrs = schedule.set_step(state.step)
             tracker.advance()
             if state.step % train.log_every == 0 or state.step == steps:
                 stats = accelerator.reduce(torch.stack([loss_sum, tokens_sum]), reduction="sum")
                 elapsed = time.perf_counter() - t_window
-                loss_value = stats[0].item() / (window_steps * train.grad_accum * topo.world_size)
-                if not math.isfinite(loss_value):  # (fp16 overflow steps skipped by the scaler never get here)
-                    raise UserError(f"loss is {loss_value} at step {state.step}; stopped without saving — the last "
-                                    f"good checkpoint in {checkpoint.checkpoint_root(cfg.output_dir)} is intact "
-                                    f"(lower optim.lr or use bf16, then --resume)")
+                loss_value = stats[0].item() / (max(window_steps, 1) * train.grad_accum * topo.world_size)
+                # (a window of fp16 steps that were all skipped logs loss 0 and skipped_steps)
+                _refuse_non_finite(loss_value, state.step, cfg.output_dir)
                 last = {"step": state.step, "loss": loss_value, "lr": lrs, "world_size": topo.world_size,
                         "zero_stage": topo.zero_stage, "tokens_per_second": stats[1].item() / elapsed,
-                        "samples_seen": state.samples, "epoch": state.samples / job.samples_per_epoch}
+                        "samples_seen": state.samples, "epoch": state.samples / job.samples_per_epoch,
+                        **facts, **({"skipped_steps": skipped} if fp16 else {})}
                 tracker.log(last)
                 loss_sum.zero_()
                 tokens_sum.zero_()
                 window_steps, t_window = 0, time.perf_counter()
             eval_every = train.eval_every or steps_per_epoch
             if job.evaluate is not None and (state.step % eval_every == 0 or state.step == steps):
-                _evaluate(job, model, accelerator, cfg, state, tracker)
+                _evaluate(job, model, accelerator, cfg, state, tracker, guard)
             preempted = stop.agreed(accelerator, sync_point=state.step % train.log_every == 0)
             if (state.step == train.stop_at_step or preempted) and state.step < steps:
+                guard()
                 ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
                 why = f"signal {stop.signal_name or 'on another rank'}" if preempted else "train.stop_at_step"
                 accelerator.print(f"stopped at step {state.step} ({why}); checkpoint: {ckpt}")
                 return False
             if train.save_every > 0 and state.step % train.save_every == 0 and state.step < steps:
+                guard()
                 checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
+        guard()
         ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
         accelerator.print(f"checkpoint: {ckpt}")
         best = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.BEST
-        if job.evaluate is not None and checkpoint.is_complete(best):
+        if job.evaluate is not None and checkpoint.is_complete_on_main(accelerator, best):
             checkpoint.load(accelerator, model, job.optimizer, best, zero)
             accelerator.print(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model)
@@ -154,7 +174,39 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     return True
 
 
-def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState, tracker: Tracker) -> None:
+def engine_facts(model, optimizer, topo: Topology) -> dict:
+    """What really runs, read from the prepared objects (not from the config): engine, ZeRO stage, offload,
+    compute precision and the optimizer class that steps — logged so a run proves its setup."""
+    inner = optimizer.optimizer
+    if topo.deepspeed:
+        offload = ",".join(f"{what}={cfg.device}" for what, cfg in (("optimizer", model.zero_offload_optimizer()),
+                                                                     ("param", model.zero_offload_param()))
+                           if cfg is not None and str(cfg.device) not in ("none", "OffloadDeviceEnum.none"))
+        precision = "bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "fp32"
+        stepped = getattr(inner, "optimizer", inner)  # ZeRO / bf16 wrappers hold the basic optimizer
+        return {"engine": "deepspeed", "zero_stage": model.zero_optimization_stage(),
+                "offload": offload.replace("OffloadDeviceEnum.", "") or "none", "precision": precision,
+                "optimizer": type(stepped).__name__}
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return {"engine": "ddp" if ddp else "single", "zero_stage": 0, "offload": "none",
+            "precision": topo.precision, "optimizer": type(inner).__name__}
+
+
+def _refuse_non_finite(loss_value: float, step: int, output_dir: Path) -> None:
+    if not math.isfinite(loss_value):
+        raise UserError(f"loss is {loss_value} at step {step}; stopped without saving — the last good checkpoint "
+                        f"in {checkpoint.checkpoint_root(output_dir)} is intact (lower optim.lr or use bf16, then "
+                        f"--resume)")
+
+
+def _check_window_finite(accelerator, loss_sum: torch.Tensor, step: int, output_dir: Path) -> None:
+    """Collective, before every save: the losses since the last log step are finite on every rank, so a save
+    between log steps never writes weights a non-finite loss has already reached."""
+    total = accelerator.reduce(loss_sum.detach().clone(), reduction="sum")
+    _refuse_non_finite(total.item(), step, output_dir)
+
+
+def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState, tracker: Tracker, guard) -> None:
     """Dev evaluation; a better `select_metric` than before saves the `best` checkpoint."""
     model.eval()
     with torch.no_grad():
@@ -166,6 +218,7 @@ def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState
     value = sum(m[job.select_metric] for m in result.values()) / len(result)
     if len(result) > 1:
         tracker.log({"step": state.step, "split": "dev", "task": "average", job.select_metric: value})
+    guard()
     if value > state.extra.get("best_metric", float("-inf")):
         state.extra.update(best_metric=value, best_step=state.step)
         checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)

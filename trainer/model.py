@@ -1,6 +1,7 @@
 """Tokenizer and BERT-family model loading: a hub name or local dir via Auto classes, or a config for random init."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -23,14 +24,77 @@ def load_tokenizer(cfg: ModelConfig, builtin_corpus: Optional[str] = None, cache
         raise UserError(f"cannot load tokenizer '{name}': {str(exc).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"tokenizer '{name}' has no fast (Rust) version; corpus preparation needs one")
+    if cfg.name_or_path and name != cfg.name_or_path and not cfg.tokenizer_mismatch_ok:
+        _refuse_foreign_tokenizer(cfg, tok)
     return tok
+
+
+def _refuse_foreign_tokenizer(cfg: ModelConfig, tok) -> None:
+    """A pretrained model learnt its embeddings for its own token ids; another vocabulary trains silently on
+    ids that mean other words. Compared with the model's own tokenizer, or, if it ships none, its vocab size."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import cached_file
+
+    def ships(name):
+        try:
+            return cached_file(cfg.name_or_path, name, _raise_exceptions_for_missing_entries=False) is not None
+        except OSError:
+            return False
+
+    if any(ships(f) for f in ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "spm.model")):
+        own = AutoTokenizer.from_pretrained(cfg.name_or_path)
+        same, theirs = own.get_vocab() == tok.get_vocab(), len(own)
+    else:  # (AutoTokenizer would build an empty tokenizer from the model config alone)
+        theirs = getattr(AutoConfig.from_pretrained(cfg.name_or_path), "vocab_size", None)
+        same = theirs == len(tok)
+    if not same:
+        raise UserError(f"model.tokenizer={cfg.tokenizer!r} ({len(tok)} pieces) is not the vocabulary "
+                        f"{cfg.name_or_path} was trained with ({theirs} pieces); drop model.tokenizer to use the "
+                        f"model's own, or set model.tokenizer_mismatch_ok=true")
+
+
+# config keys that change weight shapes: overriding them on a pretrained model cannot load its weights
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size", "max_position_embeddings", "type_vocab_size", "embedding_size")
+
+
+def _pretrained_config(cfg: ModelConfig, **extra):
+    """The pretrained config with `model.config` applied as overrides (dropout and the like), each key checked:
+    one the model type does not have, or one that changes weight shapes, is refused rather than ignored."""
+    from transformers import AutoConfig
+    conf = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+    for key, value in (cfg.config or {}).items():
+        if not hasattr(conf, key):
+            raise UserError(f"model.config.{key}: {conf.model_type} configs have no such key")
+        if key in _SHAPE_KEYS and getattr(conf, key) != value:
+            raise UserError(f"model.config.{key}={value!r} differs from {cfg.name_or_path} "
+                            f"({getattr(conf, key)!r}); the pretrained weights would not fit")
+        setattr(conf, key, value)
+    if cfg.config and os.environ.get("RANK", "0") == "0":
+        print(f"model.config overrides on {cfg.name_or_path}: {cfg.config}", flush=True)
+    return conf
+
+
+def instantiate(make, cfg: ModelConfig, what: str):
+    """`make(attn_implementation)` → model. `auto` asks for PyTorch SDPA and, where the model class lacks it
+    (DeBERTa-v2, for one), falls back to eager with one log line — the same model, slower kernel. An explicit
+    choice the model cannot honour stays an error."""
+    want = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    try:
+        return make(want)
+    except ValueError as exc:
+        if cfg.attn_implementation != "auto" or "attention" not in str(exc).lower():
+            raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}") from None
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{what} has no {want} attention; using eager (model.attn_implementation=auto)", flush=True)
+        return make("eager")
 
 
 def _auto_config(cfg: ModelConfig, tokenizer, **extra):
     from transformers import AutoConfig
     try:
         if cfg.name_or_path:
-            conf = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+            conf = _pretrained_config(cfg, **extra)
         else:
             if not cfg.config or "model_type" not in cfg.config:
                 raise UserError("model.config needs a model_type (e.g. bert) when model.name_or_path is not set")
@@ -49,15 +113,17 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, *
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
     auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining}[head]
     conf = _auto_config(cfg, tokenizer, **extra)
-    conf._attn_implementation = cfg.attn_implementation
     from .classifier import plain_init
     torch.manual_seed(seed)  # fresh weights independent of whatever ran before in the process
+
+    def make(attn):  # fp32 weights whatever the checkpoint's dtype: the engine casts for bf16/fp16 itself
+        if cfg.name_or_path:
+            return auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=attn, dtype=torch.float32)
+        return auto.from_config(conf, attn_implementation=attn, dtype=torch.float32)
+
     try:
         with plain_init():  # whole on every rank; DeepSpeed partitions it in prepare()
-            if cfg.name_or_path:
-                model = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=cfg.attn_implementation)
-            else:
-                model = auto.from_config(conf, attn_implementation=cfg.attn_implementation)
+            model = instantiate(make, cfg, conf.model_type)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -76,19 +142,6 @@ def max_positions(model) -> int:
     embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
     offset = getattr(embeddings, "padding_idx", None)
     return limit - offset - 1 if isinstance(offset, int) else limit
-
-
-def matmul_params(model) -> int:
-    """Parameters that take part in a matmul per token: all but embedding tables (lookups), plus the
-    output projection onto the vocabulary when it is tied to them (its FLOPs are real, its weights shared)."""
-    import torch
-    emb = model.get_input_embeddings().weight
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None and out.weight is emb:
-        n += emb.numel()
-    return n
 
 
 def dropped_pooler(cfg: ModelConfig, model) -> dict:

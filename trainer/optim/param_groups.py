@@ -31,11 +31,14 @@ def no_decay_params(model: nn.Module) -> set[int]:
     return out
 
 
-def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale=None, part=None) -> list[dict]:
-    """Groups of trainable parameters keyed by (lr, weight decay); equal keys merged; no empty group.
+def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale=None, part=None,
+                       task_of=None) -> list[dict]:
+    """Groups of trainable parameters keyed by (lr, weight decay, task); equal keys merged; no empty group.
 
     `lr_scale(name) -> float` multiplies the base lr (layer-wise decay plugs in here); `part(name) -> str`
-    names where a parameter sits (embeddings, layer_3, head …) for the `param_groups.json` report."""
+    names where a parameter sits (embeddings, layer_3, head …) for the `param_groups.json` report;
+    `task_of(name) -> str | None` keeps each task's head in groups of its own (multi-task: the heads of tasks
+    not drawn in a step get lr 0 for it), recorded as the group's `task`."""
     no_decay = no_decay_params(model)
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
     for name, p in model.named_parameters():
@@ -43,8 +46,10 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scal
             continue
         scale = lr_scale(name) if lr_scale else 1.0
         wd = 0.0 if id(p) in no_decay else weight_decay
-        key = (round(lr * scale, 15), wd)
-        g = groups.setdefault(key, {"params": [], "names": [], "parts": [], "lr": lr * scale, "weight_decay": wd})
+        task = task_of(name) if task_of else None
+        key = (round(lr * scale, 15), wd, task)
+        g = groups.setdefault(key, {"params": [], "names": [], "parts": [], "lr": lr * scale, "weight_decay": wd,
+                                    "task": task})
         g["params"].append(p)
         g["names"].append(name)
         where = part(name) if part else "all"
@@ -55,13 +60,13 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scal
 
 def describe_groups(groups: list[dict]) -> list[dict]:
     """What `param_groups.json` holds: per group, in optimizer order, its parts, lr, weight decay and size."""
-    return [{"index": i, "lr": g["lr"], "weight_decay": g["weight_decay"], "parts": g["parts"],
+    return [{"index": i, "lr": g["lr"], "weight_decay": g["weight_decay"], "task": g["task"], "parts": g["parts"],
              "num_tensors": len(g["params"]), "num_params": sum(p.numel() for p in g["params"]),
              "names": g["names"]} for i, g in enumerate(groups)]
 
 
 def make_optimizer(groups: list[dict], betas, eps: float) -> torch.optim.Optimizer:
     """AdamW over the groups (names are kept out of the optimizer, torch rejects unknown keys in some paths)."""
-    torch_groups = [{k: v for k, v in g.items() if k not in ("names", "parts")} for g in groups]
+    torch_groups = [{k: v for k, v in g.items() if k not in ("names", "parts", "task")} for g in groups]
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(torch_groups, betas=tuple(betas), eps=eps, fused=fused or None)

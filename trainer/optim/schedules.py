@@ -46,16 +46,23 @@ def multiplier(cfg: OptimConfig, step: int, total_steps: int) -> float:
 
 
 class GroupSchedule:
-    """Sets `lr = base_lr × multiplier(step)` on every group. The base lrs come from the run's config (`base_lrs`,
-    captured before a checkpoint's optimizer state is loaded), so a resumed run follows the config it was given."""
+    """Sets `lr = base_lr × multiplier(step) × gate` on every group of the optimizer the engine really steps.
 
-    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int, base_lrs=None):
-        self.optimizer, self.cfg, self.total = optimizer, cfg, total_steps
-        for i, group in enumerate(optimizer.param_groups):
-            group["base_lr"] = base_lrs[i] if base_lrs is not None else group.get("base_lr", group["lr"])
+    `optimizer` is that optimizer (DeepSpeed may build its own, e.g. DeepSpeedCPUAdam under offload, and a loaded
+    checkpoint replaces the group dicts), so its `param_groups` are looked up at every step, never cached. The
+    base lrs come from the run's config (`base_lrs`, captured before a checkpoint is loaded), so a resumed run
+    follows the config it was given. `gate(step)`, when given, is a per-group factor (multi-task: 0 for the heads
+    of tasks not drawn in that step). The returned lrs are read back from the optimizer."""
+
+    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int, base_lrs, gate=None):
+        self.optimizer, self.cfg, self.total, self.base_lrs, self.gate = optimizer, cfg, total_steps, base_lrs, gate
+        if len(optimizer.param_groups) != len(base_lrs):
+            raise RuntimeError(f"the engine's optimizer has {len(optimizer.param_groups)} parameter groups, "
+                               f"the trainer built {len(base_lrs)}")
 
     def set_step(self, step: int) -> list[float]:
         factor = multiplier(self.cfg, step, self.total)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        return [g["lr"] for g in self.optimizer.param_groups]
+        gates = self.gate(step) if self.gate else [1.0] * len(self.base_lrs)
+        for group, base, gate in zip(self.optimizer.param_groups, self.base_lrs, gates):
+            group["lr"] = base * factor * gate
+        return [float(g["lr"]) for g in self.optimizer.param_groups]

@@ -1,11 +1,11 @@
 """What every stage does around the loop: guard the output dir, save the resolved config, export the HF model."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from .. import checkpoint
@@ -65,13 +65,14 @@ def claim_output_dir(accelerator, out: Path, resume: bool, overwrite: bool) -> O
     return decided_by_main(accelerator, decide)
 
 
-def resume_train_config(out: Path, resume: bool, train):
+def resume_train_config(out: Path, resume: bool, train, deepspeed_config: Optional[str]):
     """The train section to build the Accelerator with: on a resume with another number of ranks, the
-    checkpoint's global batch is kept (see trainer/reshard.py)."""
+    checkpoint's global batch is kept (see trainer/reshard.py). Collective: the process group is formed first and
+    rank 0 reads the checkpoint for every rank (nodes may see a shared filesystem differently)."""
+    from ..distributed import init_processes, uses_deepspeed
     from ..reshard import keep_global_batch
-    rank0 = os.environ.get("RANK", "0") == "0"
-    return keep_global_batch(out, resume, train, int(os.environ.get("WORLD_SIZE", "1")),
-                             log=print if rank0 else lambda *_: None)
+    state = init_processes(uses_deepspeed(deepspeed_config))
+    return decided_by_main(state, lambda: keep_global_batch(out, resume, train, state.num_processes))
 
 
 def save_resolved_config(accelerator, out: Path, config: dict) -> None:
@@ -81,14 +82,36 @@ def save_resolved_config(accelerator, out: Path, config: dict) -> None:
         tmp.rename(out / "config.yaml")
 
 
+def fp32_state_dict(accelerator, model) -> dict:
+    """Collective. The consolidated weights in fp32 (on the main process; other ranks may get an empty dict).
+
+    DeepSpeed under bf16/fp16 holds the model in 16 bits and the fp32 master weights in the optimizer, and
+    `get_state_dict` returns the 16-bit copy (transformers 5 would then reload the export as bf16 and the next
+    stage would train it without fp32 masters). Trainable parameters are therefore taken from the masters
+    (DeepSpeed's `safe_get_full_fp32_param`, collective under ZeRO-1/2/3); the rest (frozen weights, buffers)
+    are cast up. Without DeepSpeed the weights already are the fp32 masters (accelerate's autocast)."""
+    state_dict = accelerator.get_state_dict(model) or {}  # collective under ZeRO-3 (None off the main process)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+        masters = {}
+        for name, p in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                if id(p) not in masters:
+                    masters[id(p)] = safe_get_full_fp32_param(p)  # the same order on every rank
+                if masters[id(p)] is not None and name in state_dict:
+                    state_dict[name] = masters[id(p)].detach().to("cpu", torch.float32)
+    return {k: v.float() if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+
+
 def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict] = None) -> None:
-    """Consolidated `save_pretrained` model + tokenizer (+ `extra` tensors), written to a temp dir and renamed
-    into place."""
-    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    """Consolidated fp32 `save_pretrained` model + tokenizer (+ `extra` tensors), written to a temp dir and
+    renamed into place."""
+    state_dict = fp32_state_dict(accelerator, model)
     if accelerator.is_main_process:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        _declare_fp32(tmp)
         if extra:
             _add_tensors(tmp, extra)
         tokenizer.save_pretrained(str(tmp))
@@ -96,6 +119,17 @@ def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict]
             shutil.rmtree(target)
         tmp.rename(target)
     accelerator.wait_for_everyone()
+
+
+def _declare_fp32(model_dir: Path) -> None:
+    """save_pretrained records the dtype of the module (bf16 under DeepSpeed bf16), not of the state dict it was
+    given; transformers 5 reloads in the recorded dtype, so the config must say what the weights are: fp32."""
+    import json
+    path = model_dir / "config.json"
+    conf = json.loads(path.read_text())
+    conf["dtype"] = "float32"
+    conf.pop("torch_dtype", None)
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def _add_tensors(model_dir: Path, tensors: dict) -> None:

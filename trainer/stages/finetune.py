@@ -17,17 +17,18 @@ import torch
 from .. import loop
 from ..classifier import RECIPE_FILE, SINGLE, Classifier, plain_init
 from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig, to_dict
-from ..distributed import make_accelerator
+from ..distributed import make_accelerator, resolve_launch_settings
 from ..errors import UserError
+from ..flops import finetuning_flops_per_token
 from ..metrics import classification_metrics
-from ..model import _auto_config, load_tokenizer, max_positions
+from ..model import _auto_config, instantiate, load_tokenizer, max_positions
 from ..optim.layer_decay import layer_decay_scales
 from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
 from ..text import truncation
 from ..text.batching import Collator, example_lengths, rank_eval_batches, rank_train_batches
 from ..text.data import load_task
-from .common import (check_output_dir, claim_output_dir, resume_train_config, save_resolved_config,
-                     validate_train_optim)
+from .common import (check_output_dir, claim_output_dir, fp32_state_dict, resume_train_config,
+                     save_resolved_config, validate_train_optim)
 
 
 @dataclass
@@ -75,6 +76,9 @@ def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier
         if path and (Path(path) / RECIPE_FILE).is_file():
             if len(tasks) != 1:
                 raise UserError(f"{path} is a single-task classifier; multi-task runs start from an encoder")
+            if cfg.model.config:
+                raise UserError(f"model.config cannot be applied to {path}, a classifier exported by this trainer "
+                                f"(its config is fixed); remove model.config")
             model, recipe = Classifier.from_pretrained(path)
             if [str(x) for x in recipe["labels"]] != [str(x) for x in tasks[0].vocab]:
                 raise UserError(f"{path} was trained on labels {recipe['labels']}, this task has {tasks[0].vocab}")
@@ -89,12 +93,15 @@ def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier
                 model.encoder.requires_grad_(False)
             return model
         conf = _auto_config(cfg.model, tokenizer)
-        try:
+
+        def make(attn):  # fp32 weights whatever the checkpoint's dtype: the engine casts for bf16/fp16 itself
             if path:
-                encoder = AutoModel.from_pretrained(path, config=conf, attn_implementation=cfg.model.attn_implementation)
-            else:
-                encoder = AutoModel.from_config(conf, attn_implementation=cfg.model.attn_implementation)
-        except (OSError, ValueError) as exc:
+                return AutoModel.from_pretrained(path, config=conf, attn_implementation=attn, dtype=torch.float32)
+            return AutoModel.from_config(conf, attn_implementation=attn, dtype=torch.float32)
+
+        try:
+            encoder = instantiate(make, cfg.model, conf.model_type)
+        except OSError as exc:
             raise UserError(f"cannot load encoder '{path}': {str(exc).splitlines()[0]}") from None
     return Classifier(encoder, {t.name: (len(t.vocab), t.text) for t in tasks}, cfg.head)
 
@@ -113,14 +120,18 @@ def task_of_step(seed: int, step: int, probs: np.ndarray) -> int:
 
 def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> bool:
     """Train (or continue) one fine-tuning run. True when it finished, False when stopped early."""
+    cfg = resolve_launch_settings(cfg)
     validate(cfg)
     tasks = tasks_of(cfg)
     out = Path(cfg.output_dir)
     check_output_dir(out, to_dict(cfg), resume, overwrite)
-    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train))
+    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-                                         deepspeed_config=cfg.distributed.deepspeed_config)
+                                         deepspeed_config=cfg.distributed.deepspeed_config,
+                                         # DDP: heads of tasks not drawn, or layers above the one read, get no grad
+                                         find_unused_parameters=(len(tasks) > 1 or cfg.head.layers != -1
+                                                                 or not cfg.head.pooler))
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, "grammar", _cache_dir())
     for t in tasks:
@@ -148,11 +159,18 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
         streams = [rank_train_batches(t.lengths["train"], cfg.train.micro_batch_size, topo.world_size, topo.rank,
                                       cfg.seed + i, int(done[i]) * samples_per_step, cfg.train.grad_accum)
                    for i, t in enumerate(tasks)]
+        trace = None
+        if cfg.train.trace_samples:  # per rank: "step task example-indices" for every micro-batch
+            (out / "samples").mkdir(exist_ok=True)
+            trace = open(out / "samples" / f"rank{topo.rank}.txt", "a")
         while True:
             i = task_of_step(cfg.seed, step, probs) if len(tasks) > 1 else 0
             t = tasks[i]
             for _ in range(cfg.train.grad_accum):
                 idx = next(streams[i])
+                if trace:
+                    trace.write(f"{step} {t.name} {' '.join(map(str, idx.tolist()))}\n")
+                    trace.flush()
                 yield {**t.collate([t.encoded["train"][j] for j in idx], t.labels["train"][idx]), "task": t.name}
             step += 1
 
@@ -183,7 +201,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
         with torch.no_grad():  # each split once, all its tasks together
             by_split = {s: evaluate(trained, s) for s in splits}
         results = {t.name: {s: by_split[s][t.name] for s in splits if s in t.encoded} for t in tasks}
-        state_dict = acc.get_state_dict(trained)
+        state_dict = fp32_state_dict(acc, trained)
         if acc.is_main_process:
             single = not cfg.tasks
             (out / "eval_results.json").write_text(json.dumps(results[SINGLE] if single else results, indent=1))
@@ -200,7 +218,10 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
         scale, part = layer_decay_scales(model, model.encoder, cfg.optim.layer_decay)
     else:
         scale, part = None, layer_decay_scales(model, model.encoder, 1.0)[1]
-    groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, lr_scale=scale, part=part)
+    multi = len(tasks) > 1
+    groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, lr_scale=scale, part=part,
+                                task_of=(lambda name: name.split(".")[1] if name.startswith("heads.") else None)
+                                if multi else None)
     if not groups:
         raise UserError("no trainable parameters")
     resume_from = claim_output_dir(accelerator, out, resume, overwrite)  # inputs are good: the run may start
@@ -212,9 +233,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     def loss(model, batch):
         return model(**batch)[0]
 
+    fpt = finetuning_flops_per_token(model.encoder, [x for t in tasks for x in t.encoded["train"]],
+                                     max(len(t.vocab) for t in tasks), train_encoder=not cfg.head.freeze_encoder)
+    def lr_gate(step: int) -> list:
+        """Heads of the tasks not drawn for `step` get lr 0 in it: their zero gradients would otherwise still
+        move them through weight decay and Adam's momentum (ZeRO steps every parameter of its partition)."""
+        drawn = tasks[task_of_step(cfg.seed, step, probs)].name
+        return [1.0 if g["task"] in (None, drawn) else 0.0 for g in groups]
+
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=sum(len(t.encoded["train"]) for t in tasks), export=export,
-                   evaluate=evaluate)
+                   evaluate=evaluate, flops_per_token=fpt, lr_gate=lr_gate if multi else None)
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
     finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
     if finished:

@@ -12,12 +12,12 @@ from ..corpus.builtin import BUILTIN_PREFIX
 from ..corpus.masking import MLMCollator
 from ..corpus.prepare import default_cache_dir, prepare_corpus
 from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
-from ..distributed import make_accelerator
+from ..distributed import make_accelerator, resolve_launch_settings
 from ..errors import UserError
+from ..flops import pretraining_flops_per_token
 from ..masked_head import use_masked_positions_only
-from ..model import build_model, dropped_pooler, load_tokenizer, max_positions, matmul_params
+from ..model import build_model, dropped_pooler, load_tokenizer, max_positions
 from ..optim.param_groups import build_param_groups, make_optimizer
-from ..tracking import flops_per_token
 from .common import (check_output_dir, claim_output_dir, export_hf, resume_train_config, save_resolved_config,
                      validate_train_optim)
 
@@ -62,19 +62,23 @@ def prepare_corpora(cfg: PretrainConfig, tokenizer, log=print):
 
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> bool:
     """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
+    cfg = resolve_launch_settings(cfg)
     validate(cfg)
     out = Path(cfg.output_dir)
     check_output_dir(out, to_dict(cfg), resume, overwrite)
-    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train))
+    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                                          deepspeed_config=cfg.distributed.deepspeed_config)
 
+    # each node's first process goes first, its other ranks then read what it made; across nodes sharing the cache
+    # dir, the corpus lock lets one process prepare and makes the other nodes wait for it (and say for whom) —
+    # printed by whichever process prepares or waits, not only by the main one
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
-        corpora = prepare_corpora(cfg, tokenizer, log=accelerator.print)
+        corpora = prepare_corpora(cfg, tokenizer, log=lambda msg: print(msg, flush=True))
     model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed)
-    use_masked_positions_only(model)  # vocabulary logits for the ~15 % masked positions, not all of them
+    masked_only = use_masked_positions_only(model)  # vocabulary logits for the ~15 % masked positions only
     if cfg.data.seq_len > max_positions(model):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
                         f"({max_positions(model)} max_position_embeddings)")
@@ -84,7 +88,7 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
     dataset = PackedDataset(corpora, order)
     collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
-                          cfg.data.max_predictions, cfg.data.nsp)
+                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
 
     def batches(start: int):
         sampler = RankBatches(start, topo.rank, topo.world_size, cfg.train.micro_batch_size)
@@ -111,8 +115,8 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
     pooler = dropped_pooler(cfg.model, model)  # read now: a hub cache may be gone by the end of a long run
-    conf = model.config
-    fpt = flops_per_token(matmul_params(model), conf.num_hidden_layers, conf.hidden_size, cfg.data.seq_len)
+    fpt = pretraining_flops_per_token(model.config, cfg.data.seq_len, cfg.data.mlm_probability,
+                                      cfg.data.max_predictions, masked_only, cfg.data.nsp)
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model", pooler))

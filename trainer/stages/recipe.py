@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import yaml
 
 from ..config import FinetuneConfig, PretrainConfig, RecipeConfig, build, to_dict
-from ..distributed import init_processes, reset_between_stages, uses_deepspeed
+from ..distributed import init_processes, reset_between_stages, resolve_launch_settings, uses_deepspeed
 from ..errors import UserError
 from . import finetune, pretrain
 from .common import _diff
@@ -101,7 +101,7 @@ def plan(cfg: RecipeConfig) -> list[Stage]:
 def _check_same_stage(stage: Stage) -> None:
     """A finished stage is reused only if it was run with this stage's model, data and tasks."""
     saved = yaml.safe_load((stage.out / "config.yaml").read_text()) or {}
-    planned = to_dict(stage.config)
+    planned = to_dict(resolve_launch_settings(stage.config, log=lambda _: None))  # as the stage saved it
     for section in ("model", "data", "tasks", "text", "head"):
         key = _diff(saved.get(section), planned.get(section), section + ".")
         if key:
