@@ -181,3 +181,18 @@ def test_attention_auto_falls_back_to_eager_with_a_line_explicit_sdpa_is_refused
     with pytest.raises(UserError, match="cannot load deberta-v2"):
         instantiate(deberta, ModelConfig(attn_implementation="sdpa"), "deberta-v2")
 
+
+
+def test_mixed_precision_flag_of_accelerate_launch_is_what_runs(tmp_path):
+    """`accelerate launch --mixed_precision bf16` with a run config that leaves precision at auto: the engine
+    runs bf16 (read back from it), and an explicit fp32 in the run config is refused in one line."""
+    from launching import error_lines, metrics, run
+    out = tmp_path / "run"
+    run("cpu_zero2", out, "train.max_steps=2", "train.log_every=1", cache=tmp_path / "cache",
+        launcher_args=["--mixed_precision", "bf16"])
+    assert {r["precision"] for r in metrics(out)} == {"bf16"}
+    proc = run("cpu_zero2", tmp_path / "refused", "model.precision=fp32", cache=tmp_path / "cache", check=False,
+               launcher_args=["--mixed_precision", "bf16"])
+    assert proc.returncode != 0
+    assert error_lines(proc.stderr) == ["error: accelerate's mixed_precision=bf16 contradicts model.precision=fp32; "
+                                        "make them agree or remove one"]
