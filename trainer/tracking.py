@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .config import WandbConfig
+from .plot import CURVES  # (stdlib only: matplotlib is imported when a figure is drawn)
 
 # dense bf16 peak per GPU (TFLOP/s), for MFU
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
@@ -41,6 +42,8 @@ class Tracker:
         self.wandb_id = wandb_id
         if not is_main:
             return
+        # a figure of a run being replaced (--overwrite) or continued is stale from now on; redrawn at the end
+        (output_dir / CURVES).unlink(missing_ok=True)
         if wandb_cfg.mode != "disabled":
             import wandb
             self.wandb_run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
@@ -78,6 +81,15 @@ class Tracker:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.wandb_run.summary[k] = v
+
+    def curves(self) -> None:
+        """`<output_dir>/curves.png` from `metrics.jsonl`, at the end of a finished run (main process only).
+        A failure to draw is one log line, never a failed run (see trainer/plot.py)."""
+        if self.is_main:
+            from .plot import write_curves  # matplotlib is imported there, only when a run finishes
+            if self.bar is not None:
+                self.bar.close()  # the bar's last redraw must not land in the middle of the log line
+            write_curves(self.path.parent, log=lambda msg: print(msg, flush=True))
 
     def close(self) -> None:
         if self.bar is not None:
