@@ -71,6 +71,10 @@ class TrainConfig:
     stop_at_step: int = 0  # >0: checkpoint and exit after this step, schedule unchanged (time-boxed jobs)
     # per rank, <output_dir>/samples/rank<r>.txt: stream positions (pre-training), step task examples (fine-tuning)
     trace_samples: bool = False
+    # pre-training only: the first N steps train the MLM head alone (encoder lr 0), then everything trains.
+    # -1 auto: when the starting checkpoint lacks MLM-head weights, ceil(10 % of the run's steps), at most 1000;
+    # otherwise (head loaded, or random init from model.config) 0. 0: off. Fine-tuning ignores it.
+    head_warmup_steps: int = -1
 
 
 @dataclass

@@ -107,18 +107,27 @@ def _auto_config(cfg: ModelConfig, tokenizer, **extra):
     return conf
 
 
-def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, **extra):
-    """head: `mlm` (masked LM), `pretraining` (MLM + NSP)."""
+def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, loading_info: Optional[dict] = None,
+                **extra):
+    """head: `mlm` (masked LM), `pretraining` (MLM + NSP). `loading_info`, when given, is filled with what
+    transformers reports on loading a pretrained checkpoint (`missing_keys`: weights it initialised at random,
+    e.g. the MLM head of an encoder saved without one — see `missing_head_weights`); left empty for random init."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
     auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining}[head]
+    if loading_info is not None:
+        loading_info.clear()
     conf = _auto_config(cfg, tokenizer, **extra)
     from .classifier import plain_init
     torch.manual_seed(seed)  # fresh weights independent of whatever ran before in the process
 
     def make(attn):  # fp32 weights whatever the checkpoint's dtype: the engine casts for bf16/fp16 itself
         if cfg.name_or_path:
-            return auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=attn, dtype=torch.float32)
+            model, info = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=attn,
+                                               dtype=torch.float32, output_loading_info=True)
+            if loading_info is not None:
+                loading_info.update(info)
+            return model
         return auto.from_config(conf, attn_implementation=attn, dtype=torch.float32)
 
     try:
@@ -134,6 +143,30 @@ def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, *
     if cfg.compile:
         model.compile()  # in place: the module (and its state_dict keys) stays the same for saving
     return model
+
+
+def head_parameter_names(model) -> set[str]:
+    """Names (as `model.named_parameters()` gives them) of the parameters outside `model.base_model`: the
+    pre-training head's own weights (BERT's `cls.predictions.transform.*` and bias, the NSP classifier). Decided
+    by identity, not by name, so a weight shared with the encoder — the decoder matrix tied to the word
+    embeddings — counts as the encoder's."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return set()
+    encoder = {id(p) for p in base.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) not in encoder}
+
+
+def missing_head_weights(model, loading_info: dict) -> list[str]:
+    """The head weights (outside `model.base_model`) that the starting checkpoint lacked, so transformers
+    initialised them at random: an encoder saved without its MLM head (sentence encoders, e5/bge-style models,
+    classifiers, a bare `BertModel`). Empty for a checkpoint with its head, and for a model built from
+    `model.config` (`loading_info` empty: everything is random, nothing to protect)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return []
+    prefix = f"{model.base_model_prefix}."
+    return sorted(k for k in loading_info.get("missing_keys", ()) if not k.startswith(prefix))
 
 
 def max_positions(model) -> int:

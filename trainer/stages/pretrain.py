@@ -1,8 +1,11 @@
 """Further pre-training (ITPT / IDPT / CDPT — the same job pointed at different text): masked LM (+ optional NSP)."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,8 +19,9 @@ from ..distributed import make_accelerator, resolve_launch_settings
 from ..errors import UserError
 from ..flops import pretraining_flops_per_token
 from ..masked_head import use_masked_positions_only
-from ..model import build_model, dropped_pooler, load_tokenizer, max_positions
-from ..optim.param_groups import build_param_groups, make_optimizer
+from ..model import (build_model, dropped_pooler, head_parameter_names, load_tokenizer, max_positions,
+                     missing_head_weights)
+from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
 from .common import (check_output_dir, claim_output_dir, export_hf, resume_train_config, save_resolved_config,
                      validate_train_optim)
 
@@ -44,6 +48,69 @@ def validate(cfg: PretrainConfig) -> None:
     validate_train_optim(cfg.train, cfg.optim)
     if cfg.optim.layer_decay != 1:
         raise UserError("optim.layer_decay applies to fine-tuning; pre-training trains all layers at optim.lr")
+    if cfg.train.head_warmup_steps < -1:
+        raise UserError(f"train.head_warmup_steps must be -1 (auto), 0 (off) or a number of steps; "
+                        f"got {cfg.train.head_warmup_steps}")
+
+
+# train.head_warmup_steps=-1 (auto) on a checkpoint without MLM-head weights: this share of the run's steps, capped
+HEAD_WARMUP_AUTO_FRACTION = 0.1
+HEAD_WARMUP_AUTO_MAX = 1000
+HEAD = "head"  # the `task` of the head's parameter groups (param_groups.json) while a head warm-up is planned
+
+
+def head_warmup_steps(setting: int, missing_head: list, total_steps: int) -> int:
+    """How many first steps train the pre-training head alone. `setting` is `train.head_warmup_steps`: N ≥ 0 as
+    given; -1 (auto) → ceil(10 % of the run), at most 1000, when the starting checkpoint lacked head weights
+    (`missing_head`), else 0. Why: a new, random head's first gradients are large and meaningless, and reaching
+    the encoder they damage what the further pre-training is meant to adapt (issue 11: all-MiniLM-L6-v2 ships no
+    MLM head and ITPT-FiT gained nothing); a few hundred head-only steps make the head a sensible reader first."""
+    if setting >= 0:
+        return setting
+    if not missing_head:
+        return 0
+    return min(HEAD_WARMUP_AUTO_MAX, max(1, math.ceil(HEAD_WARMUP_AUTO_FRACTION * total_steps)))
+
+
+def head_warmup_gate(groups: list, warmup: int, total_steps: int, why: str, log: Callable[[str], None]):
+    """`loop.Job.lr_gate` for a head warm-up: factor 0 for the encoder's parameter groups while step < `warmup`
+    (the lr in effect for steps 1…warmup), 1 for every group afterwards; logs one line when the warm-up starts (or
+    is resumed) and one when it ends. A pure function of the step, so a resumed run repeats it exactly.
+
+    The encoder is frozen through its lr, not `requires_grad`: DeepSpeed ZeRO-2/3 builds its flat partitions once
+    in `prepare()` and cannot drop or add parameters afterwards, so every parameter stays in the optimizer and the
+    one schedule keeps driving all groups. With lr 0, AdamW does not move a weight at all — neither the Adam step
+    (−lr·m̂/(√v̂+ε)) nor the decoupled weight decay (−lr·wd·θ) — under torch's AdamW, DeepSpeed's ZeRO optimizers
+    and DeepSpeedCPUAdam alike. The tied output embedding (the decoder matrix is the word-embedding matrix) is an
+    encoder weight here: frozen too; the head's own transform and bias train.
+
+    What lr 0 cannot stop: the encoder still gets gradients (its parameters keep requires_grad, so backward
+    computes and ZeRO reduces them) and its Adam moments m, v and step count advance during the warm-up.
+    Accepted: zeroing those gradients per group is not possible from outside the ZeRO optimizers; m (β1 = 0.9)
+    forgets the warm-up within tens of steps, and v remembers its large early gradients for longer (β2 = 0.999),
+    which only makes the encoder's first updates smaller — the cautious side. Gradient clipping (a global norm)
+    still counts the encoder's gradients, as in any step."""
+    head = [g.get("task") == HEAD for g in groups]
+    said = set()
+
+    def gate(step: int) -> list:
+        if step < warmup:
+            if "start" not in said:
+                said.add("start")
+                frozen = sum(not h for h in head)
+                log(f"head warm-up: steps {step + 1}–{min(warmup, total_steps)} train the pre-training head only "
+                    f"({why}); the encoder ({frozen} param groups) has lr 0"
+                    + (" for the whole run" if warmup >= total_steps else ""))
+            return [1.0 if h else 0.0 for h in head]
+        if step == warmup < total_steps and "end" not in said:
+            said.add("end")
+            log(f"head warm-up done after step {warmup}: the encoder trains from step {warmup + 1} on")
+        elif step > warmup and not said:  # resumed after it
+            said.add("end")
+            log(f"head warm-up (steps 1–{warmup}, {why}) was done before step {step}")
+        return [1.0] * len(head)
+
+    return gate
 
 
 def _cache_dir(cfg: PretrainConfig) -> Path:
@@ -77,7 +144,10 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
         corpora = prepare_corpora(cfg, tokenizer, log=lambda msg: print(msg, flush=True))
-    model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed)
+    loading_info: dict = {}
+    model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed,
+                        loading_info=loading_info)
+    missing_head = missing_head_weights(model, loading_info)  # before the masked-positions patch (same module)
     masked_only = use_masked_positions_only(model)  # vocabulary logits for the ~15 % masked positions only
     if cfg.data.seq_len > max_positions(model):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
@@ -112,16 +182,38 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     def loss(model, batch):
         return model(**batch).loss
 
-    groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay)
+    steps = loop.total_steps(cfg.train, order.epoch_len,
+                             cfg.train.micro_batch_size * cfg.train.grad_accum * topo.world_size)
+    warmup = head_warmup_steps(cfg.train.head_warmup_steps, missing_head, steps)
+    head_names = head_parameter_names(model)
+    # a planned warm-up puts the head in groups of its own (task "head") so its lr can differ from the encoder's;
+    # without one the groups stay as before (a run without warm-up keeps its optimizer layout and checkpoints)
+    groups = build_param_groups(model, cfg.optim.lr, cfg.optim.weight_decay,
+                                part=lambda name: HEAD if name in head_names else "encoder",
+                                task_of=(lambda name: HEAD if name in head_names else None) if warmup else None)
+    if warmup and not any(g["task"] == HEAD for g in groups):
+        accelerator.print("head warm-up skipped: the model has no trainable head parameters of its own")
+        warmup = 0
+    if accelerator.is_main_process:
+        (out / "param_groups.json").write_text(json.dumps(describe_groups(groups), indent=1))
+    gate = None
+    if warmup:
+        why = (f"train.head_warmup_steps={cfg.train.head_warmup_steps}" if cfg.train.head_warmup_steps >= 0 else
+               f"auto: the checkpoint has no weights for {_short_list(missing_head)}")
+        gate = head_warmup_gate(groups, warmup, steps, why, accelerator.print)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
     pooler = dropped_pooler(cfg.model, model)  # read now: a hub cache may be gone by the end of a long run
     fpt = pretraining_flops_per_token(model.config, cfg.data.seq_len, cfg.data.mlm_probability,
                                       cfg.data.max_predictions, masked_only, cfg.data.nsp)
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
-                   samples_per_epoch=order.epoch_len, flops_per_token=fpt,
+                   samples_per_epoch=order.epoch_len, flops_per_token=fpt, lr_gate=gate,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model", pooler))
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
     finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
     if finished:
         accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
     return finished
+
+
+def _short_list(names: list, keep: int = 3) -> str:
+    return ", ".join(names[:keep]) + (f" and {len(names) - keep} more" if len(names) > keep else "")
