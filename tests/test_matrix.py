@@ -140,7 +140,8 @@ def test_family_cell(tmp_path, cache, family, setup, precision):
                                           tmp_path, cache)
     ft = tmp_path / "ft"
     launch(setup, ft, f"model.name_or_path={export}", "model.tokenizer=null", "model.config=null",
-           f"model.precision={precision}", "optim.layer_decay=0.9", "train.max_steps=30", "train.eval_every=15",
+           f"model.precision={precision}", "optim.layer_decay=0.9", "optim.lr=3e-3", "train.max_steps=40",
+           "train.log_every=5", "train.eval_every=20",
            cache=cache, script="finetune.py", config="configs/finetune/tiny.yaml")
     train = assert_ran_as_launched(ft, setup, precision)
     assert train[-1]["loss"] < train[0]["loss"]

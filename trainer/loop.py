@@ -168,6 +168,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
             accelerator.print(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model)
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
+        tracker.curves()  # <output_dir>/curves.png (main process; a failure to draw is one log line)
     finally:
         stop.restore()
         tracker.close()

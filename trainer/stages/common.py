@@ -12,7 +12,7 @@ from .. import checkpoint
 from ..distributed import decided_by_main
 from ..errors import UserError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf_model", "wandb")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf_model", "wandb", "curves.png", "param_groups.json")
 # sections whose change makes a checkpoint meaningless to continue
 _RESUME_MUST_MATCH = ("model", "data")
 
