@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny_data import save_tiny_bert
 from launching import REPO, env, metrics, run
 
 LR, LAYERS, STEPS, STOP = 1e-3, 4, 8, 4
@@ -30,15 +31,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory, cache):
     """A tiny BERT saved to disk, so the weights before fine-tuning are known exactly."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    from trainer.corpus.builtin import builtin_tokenizer_dir
-    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(cache, "grammar", 1000))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                 intermediate_size=128, max_position_embeddings=128))
-    path = tmp_path_factory.mktemp("start") / "bert"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("start") / "bert", cache, LAYERS)
 
 
 def common(start_model: Path) -> list[str]:

@@ -35,3 +35,16 @@ def data_overrides(data, **replace) -> list[str]:
     files = {k: data[k] for k in ("train", "dev", "test")}
     files.update(replace)
     return [f"data.{k}={v}" for k, v in files.items()]
+
+
+def save_tiny_bert(path: Path, cache: Path, layers: int) -> Path:
+    """A tiny BERT encoder (seeded) saved to `path`, vocabulary of the builtin tokenizer in `cache`: the weights
+    before fine-tuning are known exactly."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from trainer.corpus.builtin import builtin_tokenizer_dir
+    tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(cache, "grammar", 1000))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=128)).save_pretrained(path)
+    return path

@@ -27,7 +27,6 @@ class Topology:
     zero_stage: int  # 0 also for plain DDP / single process
     deepspeed: bool
     precision: str = "fp32"
-    offload: str = "none"  # DeepSpeed offload, e.g. "optimizer=cpu,param=cpu"
 
 
 def load_deepspeed_config(path: str) -> dict:
@@ -188,15 +187,13 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
     ds = _deepspeed_dict(ds_path) if use_ds else None
     state = init_processes(use_ds)
     plugin = None
-    zero_stage, offload = 0, "none"
+    zero_stage = 0
     if use_ds:
         ds = fill_deepspeed_config(ds, micro_batch, grad_accum, max_grad_norm, precision, state.num_processes)
         zero = ds["zero_optimization"]
         zero_stage = int(zero["stage"])
         if zero_stage == 3:  # needed to export a consolidated HF model at the end
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-        offload = ",".join(f"{k.split('_')[1]}={zero[k]['device']}" for k in ("offload_optimizer", "offload_param")
-                           if zero.get(k, {}).get("device", "none") != "none") or "none"
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
         if _launcher_value("ACCELERATE_DEEPSPEED_ZERO3_INIT") == "true":
             _rank0_print("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
@@ -205,7 +202,7 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),
                               step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     return accelerator, Topology(accelerator.num_processes, accelerator.process_index, zero_stage, use_ds,
-                                 precision, offload)
+                                 precision)
 
 
 def decided_by_main(accelerator, decide):
