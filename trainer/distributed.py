@@ -95,7 +95,7 @@ def uses_deepspeed(deepspeed_config: Optional[str]) -> bool:
     return bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def _rank0_print(msg: str) -> None:
+def rank0_print(msg: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(msg, flush=True)
 
@@ -119,7 +119,7 @@ def _adopt(key: str, ours, theirs, launcher_name: str, default, log):
     return ours
 
 
-def resolve_launch_settings(cfg, log=_rank0_print):
+def resolve_launch_settings(cfg, log=rank0_print):
     """The run config with `auto` precision / unset accumulation and clipping taken from `accelerate launch`
     (`accelerate config` answers, or --mixed_precision / --gradient_accumulation_steps / --gradient_clipping),
     and a contradiction between the two refused in one line — never silently dropped. accelerate sets
@@ -196,7 +196,7 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
         if _launcher_value("ACCELERATE_DEEPSPEED_ZERO3_INIT") == "true":
-            _rank0_print("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
+            rank0_print("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin, cpu=cpu and not use_ds,
                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),

@@ -219,9 +219,9 @@ def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState
     value = sum(m[job.select_metric] for m in result.values()) / len(result)
     if len(result) > 1:
         tracker.log({"step": state.step, "split": "dev", "task": "average", job.select_metric: value})
-    guard()
-    if value > state.extra.get("best_metric", float("-inf")):
+    if value > state.extra.get("best_metric", float("-inf")):  # (the same decision on every rank)
         state.extra.update(best_metric=value, best_step=state.step)
+        guard()
         checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)
 
 

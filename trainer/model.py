@@ -1,11 +1,11 @@
 """Tokenizer and BERT-family model loading: a hub name or local dir via Auto classes, or a config for random init."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
+from .distributed import rank0_print
 from .errors import UserError
 
 
@@ -70,8 +70,8 @@ def _pretrained_config(cfg: ModelConfig, **extra):
             raise UserError(f"model.config.{key}={value!r} differs from {cfg.name_or_path} "
                             f"({getattr(conf, key)!r}); the pretrained weights would not fit")
         setattr(conf, key, value)
-    if cfg.config and os.environ.get("RANK", "0") == "0":
-        print(f"model.config overrides on {cfg.name_or_path}: {cfg.config}", flush=True)
+    if cfg.config:
+        rank0_print(f"model.config overrides on {cfg.name_or_path}: {cfg.config}")
     return conf
 
 
@@ -85,8 +85,7 @@ def instantiate(make, cfg: ModelConfig, what: str):
     except ValueError as exc:
         if cfg.attn_implementation != "auto" or "attention" not in str(exc).lower():
             raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}") from None
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{what} has no {want} attention; using eager (model.attn_implementation=auto)", flush=True)
+        rank0_print(f"{what} has no {want} attention; using eager (model.attn_implementation=auto)")
         return make("eager")
 
 

@@ -235,6 +235,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
 
     fpt = finetuning_flops_per_token(model.encoder, [x for t in tasks for x in t.encoded["train"]],
                                      max(len(t.vocab) for t in tasks), train_encoder=not cfg.head.freeze_encoder)
+
     def lr_gate(step: int) -> list:
         """Heads of the tasks not drawn for `step` get lr 0 in it: their zero gradients would otherwise still
         move them through weight decay and Adam's momentum (ZeRO steps every parameter of its partition)."""
