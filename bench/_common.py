@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -105,6 +106,73 @@ def write_jsonl_of_size(target_bytes: int, path: Path) -> tuple[int, int]:
             docs += 1
             size += len(t.encode("utf-8"))
     return docs, size
+
+
+WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+           "print('Maximum resident set size (kbytes): %d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+           " file=sys.stderr); sys.exit(rc)")
+
+
+class TreePoller(threading.Thread):
+    """Peak of Σ rss and Σ (rss - shared) over `pid`'s descendants (not `pid` itself: that is the time wrapper)."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_rss = self.peak_anon = 0
+        self.max_procs = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        import psutil
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.stop.is_set():
+            rss = anon = n = 0
+            try:
+                procs = root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    m = p.memory_info()
+                except psutil.Error:
+                    continue
+                rss += m.rss
+                anon += m.rss - m.shared
+                n += 1
+            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            self.max_procs = max(self.max_procs, n)
+            self.stop.wait(self.interval)
+
+
+def peak_rss(cmd: list[str], cwd: Path = REPO, threads: int = 1, gnu_time: bool = True, env: dict = None) -> dict:
+    """Run `cmd` (a trainer, one process or a launcher) and measure its peak RSS: ru_maxrss of the child
+    (`/usr/bin/time -v`, else a getrusage wrapper) and psutil polling of the whole process tree (Σ RSS and
+    Σ anonymous RSS, which tells heap growth from memory-mapped file pages). Exits on failure."""
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               WANDB_MODE="disabled")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    use_time = os.access("/usr/bin/time", os.X_OK) and gnu_time
+    wrap = ["/usr/bin/time", "-v"] if use_time else [sys.executable, "-c", WRAPPER]
+    t0 = time.perf_counter()
+    p = subprocess.Popen([*wrap, *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    poller = TreePoller(p.pid)
+    poller.start()
+    stdout, stderr = p.communicate()
+    poller.stop.set()
+    poller.join()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"command failed (rc {p.returncode}): {' '.join(map(str, cmd))}\n{stderr[-3000:]}")
+    import re
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    return {"maxrss": int(m.group(1)) * 1024 if m else 0, "poll_rss": poller.peak_rss, "poll_anon": poller.peak_anon,
+            "procs": poller.max_procs, "wall": wall, "output": stdout + stderr,
+            "how": "/usr/bin/time -v" if use_time else "getrusage(RUSAGE_CHILDREN) wrapper"}
 
 
 def machine() -> str:

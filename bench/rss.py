@@ -15,13 +15,9 @@ trains a fixed number of steps on it. Peak RSS of the training process:
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,11 +25,6 @@ import _common as C
 
 GOAL = 0.10
 CONFIG = C.REPO / "configs" / "pretrain" / "tiny.yaml"
-
-WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-           "print('Maximum resident set size (kbytes): %d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
-           " file=sys.stderr); sys.exit(rc)")
-
 
 def trainer_cmd(args, corpus: Path, out: str, tok_spec: str) -> list[str]:
     return [sys.executable, "launch/pretrain.py", "--config", str(CONFIG.relative_to(C.REPO)), f"output_dir={out}",
@@ -46,72 +37,17 @@ def trainer_cmd(args, corpus: Path, out: str, tok_spec: str) -> list[str]:
             f"train.log_every={args.steps}", "train.save_every=0", "train.keep_last=1"]
 
 
-class TreePoller(threading.Thread):
-    """Peak of Σ rss and Σ (rss - shared) over `pid`'s descendants (not `pid` itself: that is the time wrapper)."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_rss = self.peak_anon = 0
-        self.max_procs = 0
-        self.stop = threading.Event()
-
-    def run(self):
-        import psutil
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self.stop.is_set():
-            rss = anon = n = 0
-            try:
-                procs = root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                try:
-                    m = p.memory_info()
-                except psutil.Error:
-                    continue
-                rss += m.rss
-                anon += m.rss - m.shared
-                n += 1
-            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
-            self.max_procs = max(self.max_procs, n)
-            self.stop.wait(self.interval)
-
-
 def measure(args, corpus: Path, tok_spec: str) -> dict:
     out = tempfile.mkdtemp(prefix="rss-bench-run-")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               WANDB_MODE="disabled")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(k, None)
-    use_time = os.access("/usr/bin/time", os.X_OK) and not args.no_gnu_time
-    wrap = ["/usr/bin/time", "-v"] if use_time else [sys.executable, "-c", WRAPPER]
     try:
-        t0 = time.perf_counter()
-        p = subprocess.Popen([*wrap, *trainer_cmd(args, corpus, out, tok_spec)], cwd=C.REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        poller = TreePoller(p.pid)
-        poller.start()
-        stdout, stderr = p.communicate()
-        poller.stop.set()
-        poller.join()
-        wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            sys.exit(f"trainer failed (rc {p.returncode}):\n{stderr[-3000:]}")
-        if "prepared " in stdout + stderr:
+        m = C.peak_rss([*trainer_cmd(args, corpus, out, tok_spec)], threads=args.threads, gnu_time=not args.no_gnu_time)
+        if "prepared " in m["output"]:
             print("  WARNING: the trainer prepared the corpus itself (cache miss); the peak includes preparation")
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
-        maxrss = int(m.group(1)) * 1024 if m else 0
         metrics = Path(out, "metrics.jsonl")
-        steps = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        m["logged"] = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"maxrss": maxrss, "poll_rss": poller.peak_rss, "poll_anon": poller.peak_anon, "procs": poller.max_procs,
-            "wall": wall, "how": "/usr/bin/time -v" if use_time else "getrusage(RUSAGE_CHILDREN) wrapper",
-            "logged": steps}
+    return m
 
 
 def main():

@@ -198,7 +198,7 @@ def test_predict_probabilities_are_the_models_softmax(which, request, tmp_path, 
     labels = [str(x) for x in recipe["labels"]]
     chunk_counts = []
     for text, pred in zip(docs, preds):
-        enc = encoder.encode([(text,)])[0]
+        enc = encoder.encode_pieces((tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"],))
         chunk_counts.append(len(enc))
         batch = collate([enc], [0])
         with torch.no_grad():

@@ -144,17 +144,17 @@ def test_finetuning_counts_real_lengths_pooler_and_frozen_encoder():
     conf = _tiny()
     encoder = AutoModel.from_config(conf)
     dims = Dims.of(conf)
-    examples = [[([0] * 10, [0] * 10)], [([0] * 30, [0] * 30), ([0] * 20, [0] * 20)]]  # 2 docs, 3 chunks
+    examples = (2, 3, 60, 10 ** 2 + 30 ** 2 + 20 ** 2)  # 2 docs: one of 10 tokens, one of 2 chunks (30 and 20)
     tokens = 60
     enc = tokens * encoder_matmul_flops(dims) + 4 * dims.layers * dims.hidden * (10 ** 2 + 30 ** 2 + 20 ** 2)
     heads = 3 * 2 * 32 * 32 + 2 * 2 * 32 * 5
-    assert finetuning_flops_per_token(encoder, examples, 5) == pytest.approx((3 * enc + 3 * heads) / tokens)
-    assert finetuning_flops_per_token(encoder, examples, 5, train_encoder=False) == pytest.approx(
+    assert finetuning_flops_per_token(encoder, *examples, 5) == pytest.approx((3 * enc + 3 * heads) / tokens)
+    assert finetuning_flops_per_token(encoder, *examples, 5, train_encoder=False) == pytest.approx(
         (enc + 3 * heads) / tokens)
     encoder.pooler = None  # a head that does not read the pooler
-    assert finetuning_flops_per_token(encoder, examples, 5) == pytest.approx(
+    assert finetuning_flops_per_token(encoder, *examples, 5) == pytest.approx(
         (3 * enc + 3 * 2 * 2 * 32 * 5) / tokens)
-    assert finetuning_flops_per_token(encoder, [], 5) == 0.0
+    assert finetuning_flops_per_token(encoder, 0, 0, 0, 0, 5) == 0.0
 
 
 def test_mfu_in_the_metrics(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import torch
 from trainer.config import TextConfig
 from trainer.errors import UserError
 from trainer.text import truncation
-from trainer.text.batching import (Collator, epoch_global_batches, example_lengths, rank_eval_batches,
-                                   rank_train_batches, steps_per_epoch)
+from trainer.text.batching import (Collator, epoch_global_batches, rank_eval_batches, rank_train_batches,
+                                   steps_per_epoch)
 from trainer.text.truncation import Encoder, pair, truncate
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired students read about "
@@ -85,8 +85,11 @@ def test_encoder_counts_special_tokens_in_budget(tiny_tokenizer, strategy):
     tok = tiny_tokenizer
     cfg = TextConfig(strategy=strategy, max_len=16, head_tokens=5, max_chunks=3)
     texts = [long_text(n, seed=n) for n in (1, 3, 10, 14, 40, 200)]
-    encoded = Encoder(tok, cfg).encode([(t,) for t in texts])
-    assert len(encoded) == len(texts)
+    encoded = [Encoder(tok, cfg).encode_pieces((pieces(tok, t),)) for t in texts]
+    tokens, n_chunks, squares = truncation.encoded_stats([np.array([len(pieces(tok, t)) for t in texts])], cfg)
+    assert tokens.tolist() == [sum(len(ids) for ids, _ in e) for e in encoded]  # what length grouping uses
+    assert n_chunks.tolist() == [len(e) for e in encoded]
+    assert squares.tolist() == [sum(len(ids) ** 2 for ids, _ in e) for e in encoded]
     for text, chunks in zip(texts, encoded):
         ids_all = pieces(tok, text)
         body = []
@@ -112,7 +115,10 @@ def test_encoder_sentence_pairs(tiny_tokenizer):
     cfg = TextConfig(strategy="head", max_len=20)
     examples = [(long_text(40, 1), long_text(2, 2)), (long_text(2, 3), long_text(40, 4)),
                 (long_text(30, 5), long_text(30, 6)), (long_text(2, 7), long_text(3, 8))]
-    for (a_text, b_text), chunks in zip(examples, Encoder(tok, cfg).encode(examples)):
+    encoded = [Encoder(tok, cfg).encode_pieces((pieces(tok, a), pieces(tok, b))) for a, b in examples]
+    lengths = [np.array([len(pieces(tok, e[k])) for e in examples]) for k in (0, 1)]
+    assert truncation.encoded_stats(lengths, cfg)[0].tolist() == [len(e[0][0]) for e in encoded]
+    for (a_text, b_text), chunks in zip(examples, encoded):
         (ids, types), = chunks
         a, b = pieces(tok, a_text), pieces(tok, b_text)
         assert len(ids) == len(types) <= cfg.max_len
@@ -295,7 +301,6 @@ def test_collator_pads_and_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 0, 0, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0] * 6, [0, 0, 0, 1, 1, 1], [0] * 6]
     assert batch["labels"].tolist() == [1, 0, 2] and batch["labels"].dtype == torch.long
-    assert example_lengths(encoded).tolist() == [4, 6, 2]
 
 
 def test_collator_hierarchical_doc_index():
@@ -308,4 +313,3 @@ def test_collator_hierarchical_doc_index():
     assert batch["labels"].tolist() == [0, 1, 0]
     assert batch["input_ids"][1].tolist() == [2, 12, 3, 7, 7]
     assert batch["attention_mask"].sum(1).tolist() == [4, 3, 3, 5, 3, 3]
-    assert example_lengths(encoded).tolist() == [7, 3, 11]

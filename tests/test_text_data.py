@@ -13,7 +13,9 @@ import pytest
 from trainer.config import ClassificationDataConfig
 from trainer.errors import UserError
 from trainer.metrics import classification_metrics
-from trainer.text.data import encode_labels, label_vocabulary, load_task, read_split
+from trainer.text.data import label_vocabulary
+from trainer.text.data import load_task as _load_task
+from trainer.text.data import read_split as _read_split
 
 ROWS = [{"text": "a fine film", "label": "pos"}, {"text": "dull and long", "label": "neg"},
         {"text": "it was fine I guess", "label": "neu"}, {"text": "superb acting", "label": "pos"}]
@@ -50,6 +52,31 @@ def cfg(**kw) -> ClassificationDataConfig:
     return ClassificationDataConfig(**kw)
 
 
+@pytest.fixture(autouse=True)
+def _tok(tiny_tokenizer, tmp_path):
+    global TOK, CACHE
+    TOK, CACHE = tiny_tokenizer, tmp_path / "cache"
+
+
+def read_split(spec, c, split):
+    return _read_split(spec, c, split, TOK, CACHE, log=lambda *_: None)
+
+
+def load_task(c, seed, log=None):
+    """(splits, class ids per split, vocabulary) — the split's examples are rows of the prepared store."""
+    splits, vocab = _load_task(c, seed, TOK, CACHE, log=lambda *_: None)
+    return splits, {k: v.labels for k, v in splits.items()}, vocab
+
+
+def pieces(text: str) -> list:
+    return TOK(text, add_special_tokens=False)["input_ids"]
+
+
+def rows_of(examples) -> list:
+    """Source rows (1-based) of a split's examples."""
+    return np.asarray(examples.store.row)[examples.idx].tolist()
+
+
 # ----------------------------------------------------------------------------- reading
 @pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.csv", "d.csv.gz", "d.tsv", "d.tsv.gz", "d.parquet"])
 def test_read_formats(tmp_path, name):
@@ -63,18 +90,19 @@ def test_read_formats(tmp_path, name):
         write_delimited(path, ROWS, "\t", gz)
     else:
         write_parquet(path, ROWS)
-    split = read_split(str(path), cfg(), "train")
-    assert split.texts == [(r["text"],) for r in ROWS]
-    assert split.labels == [r["label"] for r in ROWS]
-    assert split.source == str(path)
+    store = read_split(str(path), cfg(), "train")
+    assert [store.pieces(i) for i in range(store.n)] == [(pieces(r["text"]),) for r in ROWS]
+    assert [store.label_values[y] for y in store.label] == [r["label"] for r in ROWS]
+    assert store.meta["source"] == str(path) and store.row.tolist() == [1, 2, 3, 4]
 
 
 def test_custom_fields_and_pairs(tmp_path):
     rows = [{"q": "is it good", "a": "yes very", "y": 1}, {"q": "is it bad", "a": "no", "y": 0}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    split = read_split(str(path), cfg(text_fields=["q", "a"], label_field="y"), "train")
-    assert split.texts == [("is it good", "yes very"), ("is it bad", "no")]
-    assert split.labels == [1, 0]
+    store = read_split(str(path), cfg(text_fields=["q", "a"], label_field="y"), "train")
+    assert [store.pieces(i) for i in range(2)] == [(pieces("is it good"), pieces("yes very")),
+                                                     (pieces("is it bad"), pieces("no"))]
+    assert [store.label_values[y] for y in store.label] == [1, 0]
 
 
 def test_label_vocabulary_sorted():
@@ -173,7 +201,12 @@ def _imbalanced(tmp_path: Path) -> tuple[Path, Counter]:
     rows = [{"text": f"doc {lab} {i}", "label": lab} for lab, n in counts.items() for i in range(n)]
     rng = np.random.default_rng(0)
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    return write_jsonl(tmp_path / "train.jsonl", rows), Counter(counts)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    ROWS_OF[path] = rows
+    return path, Counter(counts)
+
+
+ROWS_OF: dict = {}
 
 
 def test_dev_carved_from_train_is_stratified_seeded_disjoint(tmp_path):
@@ -185,8 +218,8 @@ def test_dev_carved_from_train_is_stratified_seeded_disjoint(tmp_path):
         return splits, ids, vocab
 
     splits, ids, vocab = carve(1)
-    dev_texts = [t for (t,) in splits["dev"].texts]
-    train_texts = [t for (t,) in splits["train"].texts]
+    dev_texts = [ROWS_OF[path][r - 1]["text"] for r in rows_of(splits["dev"])]
+    train_texts = [ROWS_OF[path][r - 1]["text"] for r in rows_of(splits["train"])]
     assert not set(dev_texts) & set(train_texts)  # disjoint
     assert len(dev_texts) + len(train_texts) == total  # together: all of train
     dev_counts = Counter(vocab[i] for i in ids["dev"])
@@ -197,9 +230,9 @@ def test_dev_carved_from_train_is_stratified_seeded_disjoint(tmp_path):
     assert all(t.split()[1] == vocab[i] for t, i in zip(dev_texts, ids["dev"]))
     assert all(t.split()[1] == vocab[i] for t, i in zip(train_texts, ids["train"]))
     same, _, _ = carve(1)
-    assert same["dev"].texts == splits["dev"].texts
+    assert rows_of(same["dev"]) == rows_of(splits["dev"])
     other, _, _ = carve(2)
-    assert other["dev"].texts != splits["dev"].texts
+    assert rows_of(other["dev"]) != rows_of(splits["dev"])
     big, big_ids, _ = carve(1, ratio=0.3)
     big_counts = Counter(vocab[i] for i in big_ids["dev"])
     assert all(abs(big_counts[lab] - 0.3 * n) <= 1 for lab, n in counts.items())
@@ -216,17 +249,17 @@ def test_few_shot_is_stratified_seeded_subset(tmp_path, kind):
         return load_task(cfg(**base_cfg, **option), seed, log=lambda *_: None)
 
     splits, ids, _ = take(3)
-    texts = [t for (t,) in splits["train"].texts]
-    assert set(texts) <= {t for (t,) in full["train"].texts}
+    texts = [ROWS_OF[path][r - 1]["text"] for r in rows_of(splits["train"])]
+    assert set(rows_of(splits["train"])) <= set(rows_of(full["train"]))
     assert len(set(texts)) == len(texts)
     got = Counter(vocab[i] for i in ids["train"])
     for lab, n in counts.items():
         want = 0.2 * n if kind == "fraction" else min(5, n)
         assert abs(got[lab] - want) <= 1 and got[lab] >= 1, (lab, got[lab])
     assert all(t.split()[1] == vocab[i] for t, i in zip(texts, ids["train"]))
-    assert take(3)[0]["train"].texts == splits["train"].texts
-    assert take(4)[0]["train"].texts != splits["train"].texts
-    assert splits["dev"].texts == full["dev"].texts  # dev untouched
+    assert rows_of(take(3)[0]["train"]) == rows_of(splits["train"])
+    assert rows_of(take(4)[0]["train"]) != rows_of(splits["train"])
+    assert rows_of(splits["dev"]) == rows_of(full["dev"])  # dev untouched
 
 
 def test_few_shot_out_of_range(tmp_path):
@@ -265,8 +298,8 @@ def test_confusion_orientation_and_absent_classes():
     assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0 and perfect["error_rate"] == 0.0
 
 
-def test_encode_labels_unknown_value_message():
-    from trainer.text.data import Split
-    split = Split([("x",), ("y",)], ["a", "z"], "some/file.tsv")
-    with pytest.raises(UserError, match=r"some/file.tsv row 2: label 'z' is not among the training labels \(a, b\)"):
-        encode_labels(split, ["a", "b"])
+def test_unknown_label_message_names_file_row_and_vocabulary(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}])
+    test = write_delimited(tmp_path / "t.tsv", [{"text": "x", "label": "a"}, {"text": "y", "label": "z"}], "\t")
+    with pytest.raises(UserError, match=rf"{test} row 2: label 'z' is not among the training labels \(a, b\)"):
+        load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0)

@@ -181,7 +181,7 @@ class Classifier(nn.Module):
                 if not k.startswith("heads.") or k.startswith(prefix)}
 
     def save(self, target: Path, state_dict: dict, tokenizer, labels: list, text_fields: list,
-             task: str = None) -> None:
+             task: str = None, label_field: str = "label") -> None:
         """Write one task's model to `target` (a fresh dir). `state_dict`: the consolidated one (ZeRO-3 gathers
         it). The standard head is written as the model type's own `…ForSequenceClassification`."""
         from transformers import AutoModelForSequenceClassification
@@ -193,7 +193,8 @@ class Classifier(nn.Module):
         conf.dtype = torch.float32  # the exported weights are fp32 (transformers 5 reloads in the saved dtype)
         conf.id2label = {i: str(lab) for i, lab in enumerate(labels)}
         conf.label2id = {str(lab): i for i, lab in enumerate(labels)}
-        recipe = {"labels": labels, "text_fields": list(text_fields), "head": vars(self.head_cfg),
+        recipe = {"labels": labels, "text_fields": list(text_fields), "label_field": label_field,
+                  "head": vars(self.head_cfg),
                   "text": vars(head.text_cfg), "format": "recipe"}
         hf = None
         if self.use_pooler and not head.hierarchical:
@@ -215,6 +216,7 @@ class Classifier(nn.Module):
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(target / "model.safetensors"))
         (target / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, default=str))
         tokenizer.save_pretrained(str(target))
+        _tokenizer_truncates_like(target, head.text_cfg)
 
     def is_standard(self) -> bool:
         return self.use_pooler and not self._only_head().hierarchical
@@ -240,3 +242,14 @@ class Classifier(nn.Module):
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model, recipe
+
+
+def _tokenizer_truncates_like(target: Path, text_cfg) -> None:
+    """Make HF's `pipeline(..., truncation=True)` on the export cut inputs as training did where a tokenizer
+    setting can say it: max_len, and the side (tail keeps the end). head+tail and hierarchical chunking have no
+    tokenizer equivalent (README); `launch/predict.py` applies them."""
+    path = target / "tokenizer_config.json"
+    conf = json.loads(path.read_text()) if path.is_file() else {}
+    conf["model_max_length"] = text_cfg.max_len
+    conf["truncation_side"] = "left" if text_cfg.strategy == "tail" else "right"
+    path.write_text(json.dumps(conf, indent=2))

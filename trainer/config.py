@@ -102,7 +102,9 @@ class ClassificationDataConfig:
     label_field: str = "label"
     format: str = "auto"  # auto | jsonl | csv | tsv | parquet | hub
     hub_config: Optional[str] = None
+    hub_revision: Optional[str] = None  # a branch, tag or commit of a hub dataset (default: main)
     hub_splits: dict = field(default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"})
+    num_proc: int = 1  # tokenizer worker processes while preparing (once per cache entry)
     dev_ratio: float = 0.1
     few_shot_fraction: Optional[float] = None  # stratified, seeded fraction of train (paper Fig. 4)
     few_shot_per_class: Optional[int] = None  # or N examples per class

@@ -30,7 +30,7 @@ padding out of the useful work."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -109,18 +109,13 @@ def pretraining_flops_per_token(config, seq_len: int, mlm_probability: float, ma
     return training_flops_per_token(Dims.of(config), seq_len, m, pooled=1 if nsp else 0, pooled_outputs=2)
 
 
-def finetuning_flops_per_token(encoder, examples: Iterable, num_labels: int, train_encoder: bool = True) -> float:
+def finetuning_flops_per_token(encoder, docs: int, chunks: int, tokens: int, squares: int, num_labels: int,
+                               train_encoder: bool = True) -> float:
     """Sequence classification with `encoder` (an HF base model; its pooler, when it kept one, counts) over
-    `examples` (encoded: each a list of (input_ids, token_type_ids) chunks; a hierarchical document has several),
-    per real token."""
+    `docs` examples fed as `chunks` sequences (a hierarchical document has several) of `tokens` real tokens in
+    all, `squares` = Σ sequence length², per real token."""
     dims = Dims.of(encoder.config)
     pooler = getattr(encoder, "pooler", None) is not None
-    docs = chunks = tokens = squares = 0
-    for example in examples:
-        docs += 1
-        for ids, _ in example:
-            n = len(ids)
-            chunks, tokens, squares = chunks + 1, tokens + n, squares + n * n
     if not tokens:
         return 0.0
     s = squares / tokens  # token-weighted mean length: Σ_sequences n · 4Ln·d = tokens · 4L·(Σn²/Σn)·d

@@ -160,19 +160,26 @@ def prepare_corpus(src: CorpusSource, tokenizer, seq_len: int, cache_dir: Option
     """Return the prepared corpus for `src`, building it if the cache does not hold it yet (one preparer per
     cache entry: the others wait for it)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    final = cache_dir / cache_key(src, tokenizer, seq_len)
+    final = build_once(cache_dir / cache_key(src, tokenizer, seq_len), str(src.path),
+                       lambda tmp: _build(src, tokenizer, seq_len, tmp, num_proc, log), log)
+    return _load(final)
+
+
+def build_once(final: Path, what: str, build, log) -> Path:
+    """`final`, a cache entry (a directory holding meta.json), built by `build(tmp_dir) -> meta` on one process
+    per entry — the others wait for it (see the module docstring) — and renamed into place."""
     if _ready(final):
-        return _load(final)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    lock = _acquire(cache_dir, final, src, log)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = _acquire(final.parent, final, what, log)
     if lock is None:  # another preparer finished while we waited
-        return _load(final)
+        return final
     try:
         if _ready(final):  # finished between our first look and the lock
-            return _load(final)
+            return final
         tmp = _temp_dir(final, lock.tag)
         try:
-            meta = _build(src, tokenizer, seq_len, tmp, num_proc, log)
+            meta = build(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 tmp.rename(final)
@@ -183,7 +190,7 @@ def prepare_corpus(src: CorpusSource, tokenizer, seq_len: int, cache_dir: Option
             raise
     finally:
         lock.release()
-    return _load(final)
+    return final
 
 
 def _owner_tag() -> str:
@@ -264,7 +271,7 @@ def _describe(info: dict) -> str:
     return f"host {info.get('host')} pid {info.get('pid')} (since {info.get('since')})"
 
 
-def _acquire(cache_dir: Path, final: Path, src: CorpusSource, log) -> Optional[_Lock]:
+def _acquire(cache_dir: Path, final: Path, what: str, log) -> Optional[_Lock]:
     """The lock for `final`, or None once another preparer has finished `final` while we waited."""
     lock = _Lock(cache_dir / f".{final.name}.lock")
     seen, unchanged_since, announced = None, time.monotonic(), None
@@ -281,7 +288,7 @@ def _acquire(cache_dir: Path, final: Path, src: CorpusSource, log) -> Optional[_
         if current[0] != announced:
             announced = current[0]
             log(f"[{socket.gethostname()} pid {os.getpid()}] waiting for {_describe(info)} to finish preparing "
-                f"{src.path} into {final}")
+                f"{what} into {final}")
         if now - unchanged_since > LOCK_STALE_S:  # (also a lock whose creator died before writing it)
             log(f"[{socket.gethostname()} pid {os.getpid()}] the corpus lock {lock.path} of {_describe(info)} has "
                 f"not been refreshed for {LOCK_STALE_S:.0f}s; taking over its preparation")

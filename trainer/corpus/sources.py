@@ -100,33 +100,69 @@ def _field(record: dict, field: str, path: str, row: int) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
-def iter_records(path: str, fmt: str, fields: Optional[list] = None) -> Iterator[tuple[int, dict]]:
-    """(row number, record) of a jsonl/csv/tsv/parquet file (or a hub dataset); rows count from 1."""
+class BadRow(str):
+    """What is wrong with a row that `iter_records(..., tolerant=True)` could not read (yielded in its place)."""
+
+
+def iter_records(path: str, fmt: str, fields: Optional[list] = None, tolerant: bool = False,
+                 optional: tuple = ()) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a jsonl/csv/tsv/parquet file (or a hub dataset); rows count from 1.
+
+    A row that cannot be read (not UTF-8, not JSON, not an object) is an error naming it — or, with `tolerant`,
+    yielded as (row, BadRow(reason)) and reading goes on (prediction over a million rows does not stop at one).
+    A file without a column of `fields` is an error unless the column is `optional`."""
+    required = [f for f in fields or [] if f not in optional]
     try:
-        yield from _RECORD_READERS[fmt](path, fields)
+        if fmt in ("csv", "tsv"):
+            yield from _records_delimited(path, required, "," if fmt == "csv" else "\t", tolerant)
+        elif fmt == "jsonl":
+            yield from _records_jsonl(path, tolerant)
+        else:
+            yield from _RECORD_READERS[fmt](path, fields, required)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
 
 
-def _records_jsonl(path: str, fields):
-    with _open_text(path) as f:
-        for row, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _records_jsonl(path: str, tolerant: bool):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        for row, raw in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} row {row}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} row {row}: expected a JSON object")
-            yield row, record
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    problem = None if isinstance(record, dict) else "expected a JSON object"
+                except json.JSONDecodeError as exc:
+                    problem = f"invalid JSON ({exc.msg})"
+            if problem is None:
+                yield row, record
+            elif tolerant:
+                yield row, BadRow(problem)
+            else:
+                raise UserError(f"{path} row {row}: {problem}")
 
 
-def _records_delimited(path: str, fields, delimiter: str):
+def _utf8_problem(record: dict) -> Optional[str]:
+    for key, value in record.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a byte that was no UTF-8, kept as a lone surrogate
+                return f"not valid UTF-8 (column {key})"
+    return None
+
+
+def _records_delimited(path: str, fields, delimiter: str, tolerant: bool = False):
     csv.field_size_limit(1 << 30)
-    with _open_text(path) as f:
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    errors = "surrogateescape" if tolerant else "strict"
+    with io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames is None:
             return
@@ -134,23 +170,25 @@ def _records_delimited(path: str, fields, delimiter: str):
         if missing:
             raise UserError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames)})")
         for row, record in enumerate(reader, 1):
-            yield row, record
+            problem = _utf8_problem(record) if tolerant else None
+            yield row, (BadRow(problem) if problem else record)
 
 
-def _records_parquet(path: str, fields):
+def _records_parquet(path: str, fields, required):
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
-    missing = [c for c in fields or [] if c not in pf.schema_arrow.names]
+    missing = [c for c in required if c not in pf.schema_arrow.names]
     if missing:
         raise UserError(f"{path}: no column '{missing[0]}' (columns: {', '.join(pf.schema_arrow.names)})")
     row = 0
-    for batch in pf.iter_batches(columns=fields, batch_size=4096):
+    columns = [c for c in fields if c in pf.schema_arrow.names] if fields else None
+    for batch in pf.iter_batches(columns=columns, batch_size=4096):
         for record in batch.to_pylist():
             row += 1
             yield row, record
 
 
-def _records_hub(spec: str, fields):
+def _records_hub(spec: str, fields, required=()):
     """`spec` is `name` or `name::split` (and `name:config::split`)."""
     import datasets
     name, _, split = spec.partition("::")
@@ -164,8 +202,7 @@ def _records_hub(spec: str, fields):
 
 
 _RECORD_READERS = {
-    "jsonl": _records_jsonl, "parquet": _records_parquet, "hub": _records_hub,
-    "csv": lambda p, f: _records_delimited(p, f, ","), "tsv": lambda p, f: _records_delimited(p, f, "\t"),
+    "parquet": _records_parquet, "hub": _records_hub,
 }
 
 

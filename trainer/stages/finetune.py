@@ -25,7 +25,7 @@ from ..model import _auto_config, instantiate, load_tokenizer, max_positions
 from ..optim.layer_decay import layer_decay_scales
 from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
 from ..text import truncation
-from ..text.batching import Collator, example_lengths, rank_eval_batches, rank_train_batches
+from ..text.batching import Collator, rank_eval_batches, rank_train_batches
 from ..text.data import load_task
 from .common import (check_output_dir, claim_output_dir, fp32_state_dict, resume_train_config,
                      save_resolved_config, validate_train_optim)
@@ -37,10 +37,14 @@ class Task:
     data: ClassificationDataConfig
     text: TextConfig
     vocab: list = None
-    encoded: dict = None  # split → encoded examples
-    lengths: dict = None
-    labels: dict = None
+    splits: dict = None  # split → Examples (rows of the prepared, memory-mapped data)
+    lengths: dict = None  # split → tokens per example after truncation (numpy)
+    encoder: truncation.Encoder = None
     collate: Collator = None
+
+    def batch(self, split: str, idx: np.ndarray) -> dict:
+        examples = self.splits[split]
+        return self.collate([self.encoder.encode_pieces(examples.pieces(j)) for j in idx], examples.labels[idx])
 
 
 def tasks_of(cfg: FinetuneConfig) -> list[Task]:
@@ -107,7 +111,7 @@ def build_model(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier
 
 
 def task_probabilities(tasks: list[Task], cfg: FinetuneConfig) -> np.ndarray:
-    sizes = np.array([len(t.encoded["train"]) for t in tasks], dtype=float)
+    sizes = np.array([len(t.splits["train"]) for t in tasks], dtype=float)
     alpha = {"proportional": 1.0, "uniform": 0.0, "temperature": cfg.multitask.alpha}[cfg.multitask.sampling]
     weights = sizes ** alpha
     return weights / weights.sum()
@@ -118,14 +122,21 @@ def task_of_step(seed: int, step: int, probs: np.ndarray) -> int:
     return int(np.random.default_rng([seed, step, 99]).choice(len(probs), p=probs))
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> bool:
-    """Train (or continue) one fine-tuning run. True when it finished, False when stopped early."""
+def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval_only: bool = False) -> bool:
+    """Train (or continue) one fine-tuning run. True when it finished, False when stopped early.
+
+    eval_only: no training — evaluate `model.name_or_path` (a classifier exported by this trainer) or else the
+    latest intact checkpoint in `output_dir` on dev / test, through the same engine and evaluation code as
+    training, and write `<output_dir>/eval_results.json`."""
     cfg = resolve_launch_settings(cfg)
     validate(cfg)
     tasks = tasks_of(cfg)
     out = Path(cfg.output_dir)
-    check_output_dir(out, to_dict(cfg), resume, overwrite)
-    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
+    if eval_only:
+        eval_from = _eval_only_source(cfg, out, overwrite)
+    else:
+        check_output_dir(out, to_dict(cfg), resume, overwrite)
+        cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
     accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
                                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                                          deepspeed_config=cfg.distributed.deepspeed_config,
@@ -135,14 +146,13 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, "grammar", _cache_dir())
     for t in tasks:
-        splits, t.labels, t.vocab = load_task(t.data, cfg.seed, log=accelerator.print)
         truncation.validate(t.text, len(t.data.text_fields), 10**9)
-        encoder = truncation.Encoder(tokenizer, t.text)
-        t.encoded = {name: encoder.encode(split.texts) for name, split in splits.items()}
-        t.lengths = {name: example_lengths(enc) for name, enc in t.encoded.items()}
+        t.splits, t.vocab = load_task(t.data, cfg.seed, tokenizer, _cache_dir(), log=accelerator.print)
+        t.encoder = truncation.Encoder(tokenizer, t.text)
+        t.lengths = {name: truncation.encoded_stats(ex.piece_lengths(), t.text)[0] for name, ex in t.splits.items()}
         t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical")
         accelerator.print(f"{t.name if cfg.tasks else 'task'}: " +
-                          " · ".join(f"{n} {len(e)}" for n, e in t.encoded.items()) + f" · labels {t.vocab}")
+                          " · ".join(f"{n} {len(e)}" for n, e in t.splits.items()) + f" · labels {t.vocab}")
     model = build_model(cfg, tokenizer, tasks)
     for t in tasks:
         truncation.validate(t.text, len(t.data.text_fields), max_positions(model.encoder))
@@ -171,15 +181,14 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
                 if trace:
                     trace.write(f"{step} {t.name} {' '.join(map(str, idx.tolist()))}\n")
                     trace.flush()
-                yield {**t.collate([t.encoded["train"][j] for j in idx], t.labels["train"][idx]), "task": t.name}
+                yield {**t.batch("train", idx), "task": t.name}
             step += 1
 
     def predict(model, t: Task, split: str) -> np.ndarray:
         """Logits for every example of `split`, gathered from all ranks (each rank runs equal batch counts)."""
         chunks = []
         for idx, valid in rank_eval_batches(t.lengths[split], t.data.eval_batch_size, topo.world_size, topo.rank):
-            batch = t.collate([t.encoded[split][i] for i in idx], t.labels[split][idx])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device) for k, v in t.batch(split, idx).items()}
             _, logits = model(**batch, task=t.name)
             keep = torch.as_tensor(valid, device=accelerator.device)
             packed = torch.cat([torch.as_tensor(idx, device=accelerator.device).unsqueeze(1).float(),
@@ -187,31 +196,37 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
             chunks.append(accelerator.gather(packed).cpu())
         table = torch.cat(chunks)
         table = table[table[:, 1] > 0]
-        logits = torch.empty((len(t.labels[split]), len(t.vocab)))
+        logits = torch.empty((len(t.splits[split]), len(t.vocab)))
         logits[table[:, 0].long()] = table[:, 2:]
         return logits.numpy()
 
     def evaluate(model, split: str = "dev") -> dict:
-        return {t.name: classification_metrics(predict(model, t, split).argmax(-1), t.labels[split], len(t.vocab))
-                for t in tasks if split in t.encoded}
+        return {t.name: classification_metrics(predict(model, t, split).argmax(-1), t.splits[split].labels,
+                                               len(t.vocab)) for t in tasks if split in t.splits}
 
-    def export(acc, trained):
+    def write_results(acc, trained) -> None:
         trained.eval()
-        splits = [s for s in ("dev", "test") if any(s in t.encoded for t in tasks)]
+        splits = [s for s in ("dev", "test") if any(s in t.splits for t in tasks)]
         with torch.no_grad():  # each split once, all its tasks together
             by_split = {s: evaluate(trained, s) for s in splits}
-        results = {t.name: {s: by_split[s][t.name] for s in splits if s in t.encoded} for t in tasks}
-        state_dict = fp32_state_dict(acc, trained)
+        results = {t.name: {s: by_split[s][t.name] for s in splits if s in t.splits} for t in tasks}
         if acc.is_main_process:
             single = not cfg.tasks
+            out.mkdir(parents=True, exist_ok=True)
             (out / "eval_results.json").write_text(json.dumps(results[SINGLE] if single else results, indent=1))
             for t in tasks:
                 for split, r in results[t.name].items():
                     acc.print(f"{'' if single else t.name + ' '}{split}: accuracy {r['accuracy']:.4f} · "
                               f"error {r['error_rate']:.4f} · macro-F1 {r['macro_f1']:.4f} ({r['n']} examples)")
+
+    def export(acc, trained):
+        write_results(acc, trained)
+        state_dict = fp32_state_dict(acc, trained)
+        if acc.is_main_process:
+            single = not cfg.tasks
+            for t in tasks:
                 target = out / "hf_model" if single else out / "tasks" / t.name / "hf_model"
-                _export_atomically(acc.unwrap_model(trained), target, state_dict, tokenizer, t, cfg.data.text_fields
-                                   if single else t.data.text_fields)
+                _export_atomically(acc.unwrap_model(trained), target, state_dict, tokenizer, t)
         acc.wait_for_everyone()
 
     if cfg.optim.layer_decay < 1 and not cfg.head.freeze_encoder:
@@ -224,6 +239,9 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
                                 if multi else None)
     if not groups:
         raise UserError("no trainable parameters")
+    if eval_only:
+        return _evaluate_only(accelerator, topo, model, make_optimizer(groups, cfg.optim.betas, cfg.optim.eps),
+                              eval_from, write_results, out)
     resume_from = claim_output_dir(accelerator, out, resume, overwrite)  # inputs are good: the run may start
     save_resolved_config(accelerator, out, to_dict(cfg))
     if accelerator.is_main_process:
@@ -233,7 +251,9 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     def loss(model, batch):
         return model(**batch)[0]
 
-    fpt = finetuning_flops_per_token(model.encoder, [x for t in tasks for x in t.encoded["train"]],
+    stats = [truncation.encoded_stats(t.splits["train"].piece_lengths(), t.text) for t in tasks]
+    fpt = finetuning_flops_per_token(model.encoder, sum(len(t.splits["train"]) for t in tasks),
+                                     *(sum(int(s[k].sum()) for s in stats) for k in (1, 0, 2)),
                                      max(len(t.vocab) for t in tasks), train_encoder=not cfg.head.freeze_encoder)
 
     def lr_gate(step: int) -> list:
@@ -243,7 +263,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
         return [1.0 if g["task"] in (None, drawn) else 0.0 for g in groups]
 
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
-                   samples_per_epoch=sum(len(t.encoded["train"]) for t in tasks), export=export,
+                   samples_per_epoch=sum(len(t.splits["train"]) for t in tasks), export=export,
                    evaluate=evaluate, flops_per_token=fpt, lr_gate=lr_gate if multi else None)
     loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
     finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
@@ -253,17 +273,46 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> b
     return finished
 
 
+def _eval_only_source(cfg: FinetuneConfig, out: Path, overwrite: bool):
+    """What --eval-only evaluates: None (the exported classifier in model.name_or_path, loaded as a start model
+    is) or the latest intact checkpoint of the run in output_dir. Refuses to replace eval_results.json."""
+    from .. import checkpoint
+    if (out / "eval_results.json").exists() and not overwrite:
+        raise UserError(f"{out / 'eval_results.json'} exists; pass --overwrite to replace it")
+    path = cfg.model.name_or_path
+    if path and (Path(path) / RECIPE_FILE).is_file():
+        return None
+    found = checkpoint.latest_complete(out, log=lambda *_: None, verify=True) if out.is_dir() else None
+    if found is None:
+        raise UserError(f"--eval-only needs a model: model.name_or_path set to an exported classifier "
+                        f"(<run>/hf_model), or output_dir set to a run with an intact checkpoint ({out} has none)")
+    return found
+
+
+def _evaluate_only(accelerator, topo, model, optimizer, checkpoint_path, write_results, out: Path) -> bool:
+    from .. import checkpoint
+    model, optimizer = accelerator.prepare(model, optimizer)  # the engine the run would use (ZeRO-3 shards it)
+    if checkpoint_path is not None:
+        state = checkpoint.load(accelerator, model, optimizer, checkpoint_path,
+                                topo.zero_stage if topo.deepspeed else None)
+        accelerator.print(f"evaluating {checkpoint_path} (step {state.step})")
+    write_results(accelerator, model)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"eval results: {out / 'eval_results.json'}")
+    return True
+
+
 def _cache_dir():
     from ..corpus.prepare import default_cache_dir
     return default_cache_dir()
 
 
-def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task,
-                       text_fields: list) -> None:
+def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save(tmp, state_dict, tokenizer, task.vocab, text_fields, task=task.name)
+    model.save(tmp, state_dict, tokenizer, task.vocab, task.data.text_fields, task=task.name,
+               label_field=task.data.label_field)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

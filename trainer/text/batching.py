@@ -16,10 +16,6 @@ import torch
 MEGA = 50
 
 
-def example_lengths(encoded) -> np.ndarray:
-    return np.array([sum(len(ids) for ids, _ in chunks) for chunks in encoded], dtype=np.int64)
-
-
 def epoch_global_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
                          group_by_length: bool = True) -> list[np.ndarray]:
     n = len(lengths)

@@ -1,66 +1,71 @@
-"""Classification data: read splits, map labels to a vocabulary, carve a dev split, take few-shot subsets.
+"""Classification data: prepared splits (`store`), labels mapped to a vocabulary, a dev split carved from train,
+few-shot subsets — all as numpy index arrays over the memory-mapped store (memory flat in the dataset size).
 
 Model selection uses dev only; test is read once for the final evaluation (the paper's code selected on test)."""
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..config import ClassificationDataConfig
-from ..corpus.builtin import BUILTIN_PREFIX, labelled_examples
+from ..corpus.builtin import BUILTIN_PREFIX
+from ..corpus.sources import _looks_like_hub_name, file_format
+from ..errors import UserError
+from .store import Source, SplitStore, prepare_split
 
 BUILTIN_TASKS = ("builtin:topics", "builtin:polarity", "builtin:length")
-from ..corpus.sources import _field, _looks_like_hub_name, file_format, iter_records
-from ..errors import UserError
 
 
 @dataclass
-class Split:
-    texts: list  # list[tuple[str, ...]] — one or two fields per example
-    labels: list  # raw labels as read (str or int)
+class Examples:
+    """Examples of one split: rows `idx` of a prepared store with their class ids."""
+    store: SplitStore
+    idx: np.ndarray  # int64 rows of the store
+    labels: np.ndarray  # int64 class ids
     source: str
-    rows: Optional[list] = None  # file row of each example, for error messages
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def subset(self, sel: np.ndarray) -> "Examples":
+        return Examples(self.store, self.idx[sel], self.labels[sel], self.source)
+
+    def pieces(self, j: int) -> tuple:
+        return self.store.pieces(int(self.idx[j]))
+
+    def piece_lengths(self) -> list:
+        return [self.store.piece_lengths(f)[self.idx] for f in range(len(self.store.tokens))]
 
 
-def read_split(spec: str, cfg: ClassificationDataConfig, split: str) -> Split:
+def source_of(spec: str, cfg: ClassificationDataConfig, split: str) -> Source:
+    """What `spec` names: a builtin task, a file, a local hub-format folder or a hub dataset."""
     if spec.startswith(BUILTIN_PREFIX):
         if spec not in BUILTIN_TASKS:
             raise UserError(f"unknown builtin dataset '{spec}' (known: {', '.join(BUILTIN_TASKS)})")
-        pairs = list(labelled_examples(spec[len(BUILTIN_PREFIX):], split))
-        return Split([(t,) for t, _ in pairs], [lab for _, lab in pairs], spec, list(range(1, len(pairs) + 1)))
-    exists = os.path.exists(spec)
-    fmt = "hub" if cfg.format == "hub" or (not exists and cfg.format == "auto" and _looks_like_hub_name(spec)) else None
-    if fmt is None:
-        if not exists:
-            raise UserError(f"data file not found: {spec}")
-        fmt = file_format(spec, cfg.format)
-        if fmt == "txt":
-            raise UserError(f"{spec}: classification data needs a labelled format (jsonl, csv, tsv, parquet)")
-        source = spec
-    else:
-        source = f"{spec}{':' + cfg.hub_config if cfg.hub_config else ''}::{cfg.hub_splits.get(split, split)}"
-    fields = [*cfg.text_fields, cfg.label_field]
-    texts, labels, rows = [], [], []
-    for row, record in iter_records(source, fmt, fields):
-        if cfg.label_field not in record or record[cfg.label_field] in (None, ""):
-            raise UserError(f"{spec} row {row}: no label field '{cfg.label_field}' "
-                            f"(fields: {', '.join(map(str, record))})")
-        item = tuple(_field(record, f, spec, row) for f in cfg.text_fields)
-        if not any(t.strip() for t in item):
-            raise UserError(f"{spec} row {row}: empty text in field(s) {', '.join(cfg.text_fields)}")
-        texts.append(item)
-        labels.append(record[cfg.label_field])
-        rows.append(row)
-    if not texts:
-        raise UserError(f"{spec}: no examples")
-    return Split(texts, labels, spec, rows)
+        return Source("builtin", spec, split=split)
+    hub_split = cfg.hub_splits.get(split, split)
+    if os.path.isdir(spec) or cfg.format == "hub" or (
+            not os.path.exists(spec) and cfg.format == "auto" and _looks_like_hub_name(spec)):
+        return Source("hub", spec, hub_config=cfg.hub_config, split=hub_split, revision=cfg.hub_revision)
+    if not os.path.exists(spec):
+        raise UserError(f"data file not found: {spec}")
+    fmt = file_format(spec, cfg.format)
+    if fmt == "txt":
+        raise UserError(f"{spec}: classification data needs a labelled format (jsonl, csv, tsv, parquet)")
+    return Source("file", spec, fmt=fmt, split=split)
 
 
-def label_vocabulary(labels: list) -> list:
+def read_split(spec: str, cfg: ClassificationDataConfig, split: str, tokenizer, cache_dir: Path,
+               log=print) -> SplitStore:
+    return prepare_split(source_of(spec, cfg, split), list(cfg.text_fields), cfg.label_field, tokenizer, cache_dir,
+                         cfg.num_proc, log=log)
+
+
+def label_vocabulary(labels) -> list:
     """Sorted distinct labels (numbers numerically, strings alphabetically); index = class id."""
     distinct = set(labels)
     if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in distinct):
@@ -68,77 +73,90 @@ def label_vocabulary(labels: list) -> list:
     return sorted(str(x) for x in distinct)
 
 
-def encode_labels(split: Split, vocab: list) -> np.ndarray:
+def vocabulary(train: SplitStore) -> list:
+    """The class names of a task: the ClassLabel names its training data carries, else its sorted label values."""
+    return list(train.label_names) if train.label_names else label_vocabulary(train.label_values)
+
+
+def class_ids(store: SplitStore, vocab: list, names: bool) -> np.ndarray:
+    """Class id of every example of `store`; a label not in `vocab` is an error naming its row."""
     index = {label: i for i, label in enumerate(vocab)}
     numeric = isinstance(vocab[0], int)
-    out = np.empty(len(split.labels), dtype=np.int64)
-    for i, label in enumerate(split.labels):
-        key = str(label)
-        if numeric:  # ints from jsonl/parquet and "0" from csv name the same class
+    ids = np.empty(len(store.label_values), dtype=np.int64)
+    for v, label in enumerate(store.label_values):
+        if names and isinstance(label, int) and store.label_names in (None, vocab):
+            key = vocab[label] if 0 <= label < len(vocab) else None  # a ClassLabel id
+        elif names and isinstance(label, str) and label not in index and label.isdigit():
+            key = vocab[int(label)] if int(label) < len(vocab) else None  # a ClassLabel id read from csv
+        elif numeric:  # ints from jsonl/parquet and "0" from csv name the same class
             try:
                 key = int(label)
             except (TypeError, ValueError):
-                pass
+                key = label
+        else:
+            key = str(label)
         if key not in index:
-            row = split.rows[i] if split.rows else i + 1
-            raise UserError(f"{split.source} row {row}: label {label!r} is not among the training labels "
+            row = int(store.row[int(np.flatnonzero(np.asarray(store.label) == v)[0])])
+            raise UserError(f"{store.meta['source']} row {row}: label {label!r} is not among the training labels "
                             f"({', '.join(map(str, vocab))})")
-        out[i] = index[key]
-    return out
+        ids[v] = index[key]
+    if store.label_names and names and store.label_names != vocab:
+        raise UserError(f"{store.meta['source']}: its label names {store.label_names} differ from the training "
+                        f"data's {vocab}")
+    return ids[np.asarray(store.label)]
 
 
 def stratified_indices(labels: np.ndarray, seed: int, *, fraction: Optional[float] = None,
                        per_class: Optional[int] = None) -> np.ndarray:
     """A seeded subset with the same class proportions (fraction) or N per class. Sorted indexes."""
     rng = np.random.default_rng(seed)
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[int(y)].append(i)
     chosen = []
-    for y in sorted(by_class):
-        idx = np.array(by_class[y])
+    for y in np.unique(labels):
+        idx = np.flatnonzero(labels == y)
         k = per_class if per_class is not None else max(1, int(round(fraction * len(idx))))
-        chosen.extend(rng.permutation(idx)[:min(k, len(idx))])
-    return np.sort(np.array(chosen, dtype=np.int64))
+        chosen.append(rng.permutation(idx)[:min(k, len(idx))])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def subset(split: Split, idx: np.ndarray) -> Split:
-    rows = [split.rows[i] for i in idx] if split.rows else None
-    return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], split.source, rows)
-
-
-def load_task(cfg: ClassificationDataConfig, seed: int, log=print):
-    """→ (splits {train, dev, test?}, label ids per split, label vocabulary)."""
+def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Path, log=print):
+    """→ ({train, dev, test?}: Examples, label vocabulary). Each split is prepared once (see store.py)."""
     if not cfg.train:
         raise UserError("data.train is required (a file, a hub dataset name, or builtin:topics)")
     if not 1 <= len(cfg.text_fields) <= 2:
         raise UserError(f"data.text_fields must name one or two fields, got {cfg.text_fields}")
-    train = read_split(cfg.train, cfg, "train")
-    vocab = label_vocabulary(train.labels)
+    train_store = read_split(cfg.train, cfg, "train", tokenizer, cache_dir, log)
+    vocab = vocabulary(train_store)
+    names = bool(train_store.label_names)
     if len(vocab) < 2:
         raise UserError(f"{cfg.train}: the training labels hold a single class ({vocab[0]!r})")
-    y_train = encode_labels(train, vocab)
+
+    def examples(store: SplitStore) -> Examples:
+        return Examples(store, np.arange(store.n, dtype=np.int64), class_ids(store, vocab, names), store.meta["source"])
+
+    train = examples(train_store)
     if cfg.dev:
-        dev = read_split(cfg.dev, cfg, "dev")
+        dev = examples(read_split(cfg.dev, cfg, "dev", tokenizer, cache_dir, log))
     else:
         if not 0 < cfg.dev_ratio < 1:
             raise UserError(f"data.dev_ratio must be in (0, 1) when no dev split is given, got {cfg.dev_ratio}")
-        dev_idx = stratified_indices(y_train, seed, fraction=cfg.dev_ratio)
-        keep = np.setdiff1d(np.arange(len(y_train)), dev_idx)
-        dev, train = subset(train, dev_idx), subset(train, keep)
-        y_train = y_train[keep]
+        dev_idx = stratified_indices(train.labels, seed, fraction=cfg.dev_ratio)
+        keep = np.ones(len(train), dtype=bool)
+        keep[dev_idx] = False
+        dev, train = train.subset(dev_idx), train.subset(np.flatnonzero(keep))
         log(f"dev split: {len(dev_idx)} stratified examples carved from {cfg.train} (data.dev_ratio={cfg.dev_ratio})")
     if cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None:
         if cfg.few_shot_fraction is not None and not 0 < cfg.few_shot_fraction <= 1:
             raise UserError(f"data.few_shot_fraction must be in (0, 1], got {cfg.few_shot_fraction}")
         if cfg.few_shot_per_class is not None and cfg.few_shot_per_class < 1:
             raise UserError(f"data.few_shot_per_class must be >= 1, got {cfg.few_shot_per_class}")
-        idx = stratified_indices(y_train, seed + 1, fraction=cfg.few_shot_fraction, per_class=cfg.few_shot_per_class)
-        train, y_train = subset(train, idx), y_train[idx]
+        idx = stratified_indices(train.labels, seed + 1, fraction=cfg.few_shot_fraction,
+                                 per_class=cfg.few_shot_per_class)
+        train = train.subset(idx)
         log(f"few-shot: training on {len(idx)} examples")
     splits = {"train": train, "dev": dev}
-    labels = {"train": y_train, "dev": encode_labels(dev, vocab)}
     if cfg.test:
-        splits["test"] = read_split(cfg.test, cfg, "test")
-        labels["test"] = encode_labels(splits["test"], vocab)
-    return splits, labels, vocab
+        splits["test"] = examples(read_split(cfg.test, cfg, "test", tokenizer, cache_dir, log))
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise UserError(f"the {name} split of {cfg.train} is empty")
+    return splits, vocab

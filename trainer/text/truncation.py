@@ -4,6 +4,8 @@ head: first max_len−2 · tail: last max_len−2 · head_tail: first `head_toke
 hierarchical: k = ⌈L/(max_len−2)⌉ chunks (at most `max_chunks`), each its own [CLS] … [SEP] input."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import TextConfig
 from ..errors import UserError
 
@@ -49,30 +51,34 @@ def pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]
     return a, b
 
 
+def encoded_stats(piece_lengths: list, cfg: TextConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example, from the stored piece counts of its field(s) alone (no pieces read): (tokens the encoder
+    sees, [CLS]/[SEP] included; chunks; Σ chunk length²) — length grouping and the FLOPs count use them."""
+    budget = cfg.max_len - 2
+    if len(piece_lengths) == 2:
+        n = np.minimum(piece_lengths[0] + piece_lengths[1], cfg.max_len - 3) + 3
+        return n, np.ones_like(n), n * n
+    length = piece_lengths[0]
+    if cfg.strategy != "hierarchical":
+        n = np.minimum(length, budget) + 2
+        return n, np.ones_like(n), n * n
+    chunks = np.minimum(np.maximum(-(-length // budget), 1), cfg.max_chunks)
+    last = np.minimum(length, chunks * budget) - (chunks - 1) * budget + 2
+    return (chunks - 1) * (budget + 2) + last, chunks, (chunks - 1) * (budget + 2) ** 2 + last * last
+
+
 class Encoder:
-    """Text(s) → list of model inputs (input_ids, token_type_ids) with [CLS]/[SEP], per the strategy."""
+    """Word pieces of an example's field(s) → model inputs (input_ids, token_type_ids) with [CLS]/[SEP], per the
+    strategy: one chunk, or several for hierarchical."""
 
     def __init__(self, tokenizer, cfg: TextConfig):
-        self.tok, self.cfg = tokenizer, cfg
+        self.cfg = cfg
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
         if self.cls is None or self.sep is None:
             raise UserError("the tokenizer needs [CLS] and [SEP] tokens")
 
-    def _pieces(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False, return_attention_mask=False, split_special_tokens=True,
-                        return_token_type_ids=False, verbose=False)["input_ids"]
-
-    def encode(self, examples: list[tuple]) -> list[list[tuple[list[int], list[int]]]]:
-        out = []
-        for start in range(0, len(examples), 1000):
-            batch = examples[start:start + 1000]
-            firsts = self._pieces([e[0] for e in batch])
-            seconds = self._pieces([e[1] for e in batch]) if len(batch[0]) == 2 else None
-            for i, a in enumerate(firsts):
-                if seconds is not None:
-                    a, b = pair(a, seconds[i], self.cfg.max_len - 3)
-                    ids = [self.cls, *a, self.sep, *b, self.sep]
-                    out.append([(ids, [0] * (len(a) + 2) + [1] * (len(b) + 1))])
-                else:
-                    out.append([([self.cls, *p, self.sep], [0] * (len(p) + 2)) for p in truncate(a, self.cfg)])
-        return out
+    def encode_pieces(self, pieces: tuple) -> list[tuple[list[int], list[int]]]:
+        if len(pieces) == 2:
+            a, b = pair(pieces[0], pieces[1], self.cfg.max_len - 3)
+            return [([self.cls, *a, self.sep, *b, self.sep], [0] * (len(a) + 2) + [1] * (len(b) + 1))]
+        return [([self.cls, *p, self.sep], [0] * (len(p) + 2)) for p in truncate(pieces[0], self.cfg)]
