@@ -182,11 +182,11 @@ def trainer_step_batches(cfg, steps: int) -> tuple[list[int], list[int]]:
     trainer/stages/finetune.py, single task: seed + 0)."""
     from trainer.model import load_tokenizer
     from trainer.text import truncation
-    from trainer.text.batching import example_lengths, rank_train_batches
+    from trainer.text.batching import rank_train_batches
     from trainer.text.data import load_task
     tokenizer = load_tokenizer(cfg.model, "grammar", C.cache_dir())
-    splits, _, _ = load_task(cfg.data, cfg.seed, log=lambda *a: None)
-    lengths = example_lengths(truncation.Encoder(tokenizer, cfg.text).encode(splits["train"].texts))
+    splits, _ = load_task(cfg.data, cfg.seed, tokenizer, C.cache_dir(), log=lambda *a: None)
+    lengths = truncation.encoded_stats(splits["train"].piece_lengths(), cfg.text)[0]
     tokens, positions = [], []
     for idx in rank_train_batches(lengths, cfg.train.micro_batch_size, 1, 0, cfg.seed, 0):
         tokens.append(int(lengths[idx].sum()))

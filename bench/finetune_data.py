@@ -92,6 +92,72 @@ def cmd_rss(args, tmp: Path, tok: str) -> None:
           f"({hi:,} docs) = {100 * growth:+.1f} % -> goal <= +10 % {'MET' if growth <= 0.10 else 'NOT MET'}")
 
 
+def cmd_prep(args, tmp: Path, tok_spec: str) -> None:
+    from trainer.config import ClassificationDataConfig
+    from trainer.text.data import read_split
+    data = generate(args.docs, tmp / "docs.jsonl")
+    tok = C.load_tokenizer(tok_spec)
+    texts = [json.loads(line)["text"] for line in open(data)]
+    best_raw = 0.0
+    for _ in range(2):
+        t0, n = time.perf_counter(), 0
+        for i in range(0, len(texts), 1000):
+            n += sum(len(x) for x in tok(texts[i:i + 1000], add_special_tokens=False)["input_ids"])
+        best_raw = max(best_raw, n / (time.perf_counter() - t0))
+    print(f"raw fast tokenizer (texts in memory, batches of 1000, 1 process): {best_raw:,.0f} pieces/s")
+    del texts
+    results = {}
+    for num_proc in sorted({1, args.num_proc}):
+        best = 0.0
+        for r in range(2):
+            cache = tmp / f"cache_{num_proc}_{r}"
+            t0 = time.perf_counter()
+            store = read_split(str(data), ClassificationDataConfig(num_proc=num_proc), "train", tok, cache,
+                               log=lambda *a: None)
+            best = max(best, sum(store.meta["pieces"]) / (time.perf_counter() - t0))
+            shutil.rmtree(cache)
+        results[num_proc] = best
+        print(f"prepare (read jsonl, tokenize, write the store; num_proc {num_proc}): {best:,.0f} pieces/s = "
+              f"{best / best_raw:.2f} x raw")
+    top = max(results, key=results.get)
+    print(f"SUMMARY finetune prep: {results[top]:,.0f} pieces/s (num_proc {top}) / raw {best_raw:,.0f} = "
+          f"{results[top] / best_raw:.2f} (num_proc 1: {results[1] / best_raw:.2f}) -> goal >= 0.8 "
+          f"{'MET' if results[top] / best_raw >= 0.8 else 'NOT MET'}")
+
+
+def cmd_predict(args, tmp: Path, tok: str) -> None:
+    docs = generate(args.docs, tmp / "docs.jsonl")
+    small = head(docs, 2000, tmp / "small.jsonl")
+    model = tmp / "model"
+    C.peak_rss(finetune_cmd(argparse.Namespace(steps=10), small, head(small, 200, tmp / "dev.jsonl"), str(model),
+                            tok))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2"]
+
+    def predict(prefix, out):
+        cmd = [*prefix, "launch/predict.py", "--model", str(model / "hf_model"), "--input", str(docs),
+               "--output", str(tmp / out), "--overwrite", "--batch_size", "64"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=C.REPO, check=True, capture_output=True, env=dict(__import__("os").environ,
+                       OMP_NUM_THREADS="1"))
+        return time.perf_counter() - t0
+
+    predict([sys.executable], "warm.jsonl")  # prepares the input into the cache (unmeasured)
+    one = predict([sys.executable], "one.jsonl")
+    two = predict(launcher, "two.jsonl")
+    def rows(name):
+        return [json.loads(line) for line in open(tmp / name)]
+    a, b = rows("one.jsonl"), rows("two.jsonl")  # (batches differ in padding width: probabilities to ~1e-6)
+    same = len(a) == len(b) and all(x["label"] == y["label"] and all(
+        abs(x["probabilities"][k] - y["probabilities"][k]) < 1e-4 for k in x["probabilities"]) for x, y in zip(a, b))
+    print(f"  1 process: {one:.1f} s = {args.docs / one:,.0f} examples/s")
+    print(f"  2 processes: {two:.1f} s = {args.docs / two:,.0f} examples/s ({args.docs / two / 2:,.0f} per process); "
+          f"outputs {'the same (labels; probabilities within 1e-4)' if same else 'DIFFER'}")
+    print(f"SUMMARY finetune predict: {args.docs:,} docs (tiny BERT 64x2, max_len 128, 1 thread per process, input "
+          f"prepared): 1 process {args.docs / one:,.0f} ex/s, 2 processes {args.docs / two:,.0f} ex/s = "
+          f"{one / two:.2f}x")
+
+
 def cmd_start(args, tmp: Path, tok: str) -> None:
     a = generate(args.docs, tmp / "a.jsonl", seed=1)
     b = generate(args.docs, tmp / "b.jsonl", seed=2)
@@ -143,7 +209,7 @@ def main():
     print(f"tokenizer: {name}")
     tmp = Path(tempfile.mkdtemp(prefix="finetune-data-bench-"))
     try:
-        {"rss": cmd_rss, "start": cmd_start}[args.mode](args, tmp, tok)
+        {"rss": cmd_rss, "start": cmd_start, "prep": cmd_prep, "predict": cmd_predict}[args.mode](args, tmp, tok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -111,6 +111,14 @@ CATALOGUE = {
             t, "train.jsonl", '{"text": "caf\xe9", "label": "food"}\n'.encode("latin-1"))), "not valid UTF-8"),
     "train file missing": Bad("dataset", FT, lambda t, d: data_overrides(d, train=t / "nope.jsonl"),
                               "data file not found"),
+    "mixed label types": Bad(
+        "dataset", FT, lambda t, d: data_overrides(d, train=write_jsonl(t / "train.jsonl", rows(4, 5) + [
+            {"text": "ball goal", "label": 1}])), "mixed label types — row 5 has the number 1, row 1 the text"),
+    "text column missing": Bad(
+        "dataset", FT, lambda t, d: data_overrides(d, train=text_file(
+            t, "train.csv", b"review,label\nbread and soup,food\nball goal,sport\n")), "no column 'text'"),
+    "empty split": Bad("dataset", FT, lambda t, d: data_overrides(d, test=text_file(t, "test.jsonl", b"")),
+                       "test.jsonl: no examples"),
     # run config
     "unknown key": Bad("config", PRE, lambda t, d: ["optim.lrr=1e-4"], "unknown config key 'optim.lrr'"),
     "wrong type": Bad("config", PRE, lambda t, d: ["train.max_steps=ten"], "'train.max_steps' must be int"),

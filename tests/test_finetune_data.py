@@ -167,8 +167,8 @@ def test_examples_are_numpy_index_arrays_over_the_store(tiny_tokenizer, tmp_path
     assert vocab == LABELS
     train, dev = splits["train"], splits["dev"]
     for ex in (train, dev):
-        assert isinstance(ex.idx, np.ndarray) and ex.idx.dtype == np.int64
-        assert isinstance(ex.labels, np.ndarray) and ex.labels.dtype == np.int64
+        assert isinstance(ex.idx, np.ndarray) and ex.idx.dtype == np.int32  # 4 bytes per example
+        assert isinstance(ex.labels, np.ndarray) and ex.labels.dtype == np.int32
         assert len(ex.idx) == len(ex.labels) == len(ex)
         assert ex.store is train.store  # the carved dev split is rows of the same mapped store
         source_rows = np.asarray(ex.store.row)[ex.idx]
@@ -325,16 +325,18 @@ def test_two_ranks_prepare_each_split_once_and_train(tmp_path, data):
         str(data[s]) for s in ("train", "dev", "test")}
 
 
-def test_a_damaged_cache_stops_a_run_before_it_replaces_anything(tmp_path, data):
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    run(None, out, *data_overrides(data), *TINY, cache=cache, timeout=300, **FT)
-    entry = entry_of(cache, data["train"])
+def test_a_damaged_cache_stops_a_run_before_it_replaces_anything(tmp_path, trained, cache, data):
+    """A finished run in the output dir, --overwrite, and a cache entry of its training data damaged since."""
+    own_cache, out = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(cache, own_cache)
+    shutil.copytree(trained, out)
+    entry = entry_of(own_cache, data["train"])
     label = entry / "label.npy"
     with open(label, "r+b") as f:
         f.truncate(label.stat().st_size - 4)
     (out / "notes.txt").write_text("the user's own file\n")
     before = snapshot(out)
-    proc = run(None, out, *data_overrides(data), *TINY, cache=cache, flags=["--overwrite"], check=False,
+    proc = run(None, out, *data_overrides(data), *TINY, cache=own_cache, flags=["--overwrite"], check=False,
                timeout=300, **FT)
     errors = error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -342,7 +344,7 @@ def test_a_damaged_cache_stops_a_run_before_it_replaces_anything(tmp_path, data)
     assert "Traceback" not in proc.stderr
     assert snapshot(out) == before, "the output dir changed"
     shutil.rmtree(entry)  # as the message advises: the next run prepares it anew
-    proc = run(None, out, *data_overrides(data), *TINY, cache=cache, flags=["--overwrite"], timeout=300, **FT)
+    proc = run(None, out, *data_overrides(data), *TINY, cache=own_cache, flags=["--overwrite"], timeout=300, **FT)
     assert [line.split(":")[0] for line in prepared_lines(proc.stdout)] == [f"prepared {data['train']}"]
 
 
@@ -458,8 +460,9 @@ def test_predict_marks_or_skips_bad_rows(trained, cache, bad_input, tmp_path):
     proc = predict(trained / "hf_model", bad_input, out, cache, "--id_field", "id")
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = read_jsonl(out)
-    # one row per input row (the blank line is none); rows that could not be decoded have no columns to pass
-    assert [p["id"] for p in preds] == ["a", None, None, "d", "e", "g"]
+    # one row per input row (the blank line is none); a row that is no JSON has no columns to pass, a JSON row
+    # with a stray non-UTF-8 byte keeps them
+    assert [p["id"] for p in preds] == ["a", None, "c", "d", "e", "g"]
     errors = [p["error"] for p in preds]
     assert errors[0] is None and errors[4] is None and errors[5] is None
     assert "invalid JSON" in errors[1] and "UTF-8" in errors[2] and "empty text" in errors[3]
@@ -479,9 +482,10 @@ def test_predict_marks_or_skips_bad_rows(trained, cache, bad_input, tmp_path):
     assert [b["row"] for b in read_jsonl(Path(f"{skipped}.bad_rows.jsonl"))] == [2, 3, 4]
 
 
-def test_predict_on_two_processes_matches_one(predicted, trained, cache, labelled, tmp_path):
-    out = tmp_path / "preds2.jsonl"
-    proc = predict(trained / "hf_model", labelled["jsonl"], out, cache, "--id_field", "id", "--keep", "n", "source",
+def test_predict_on_two_processes_matches_one(predicted, trained, labelled, tmp_path):
+    """A fresh cache: rank 0 prepares the input while the other rank waits, then both map it."""
+    out, fresh = tmp_path / "preds2.jsonl", tmp_path / "cache"
+    proc = predict(trained / "hf_model", labelled["jsonl"], out, fresh, "--id_field", "id", "--keep", "n", "source",
                    processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_jsonl(predicted), read_jsonl(out)
@@ -491,6 +495,7 @@ def test_predict_on_two_processes_matches_one(predicted, trained, cache, labelle
     for a, b in zip(one, two):
         assert [b["probabilities"][lab] for lab in LABELS] == pytest.approx(
             [a["probabilities"][lab] for lab in LABELS], abs=1e-5)
+    assert len(entries(fresh)) == 1 and leftovers(fresh) == []
     m1 = json.loads(Path(f"{predicted}.metrics.json").read_text())
     m2 = json.loads(Path(f"{out}.metrics.json").read_text())
     assert m2["accuracy"] == m1["accuracy"] and m2["confusion_matrix"] == m1["confusion_matrix"]
@@ -523,11 +528,12 @@ def test_predict_overwrite_leaves_no_stale_side_files(trained, cache, bad_input,
     proc = predict(trained / "hf_model", bad_input, out, cache, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(f"{out}.bad_rows.jsonl").exists()
-    assert not Path(f"{out}.metrics.json").exists(), "metrics.json of the earlier, labelled input was left"
-    unlabelled = write_jsonl(tmp_path / "clean.jsonl", [{"text": "ball goal"}, {"text": "soup"}])
-    proc = predict(trained / "hf_model", unlabelled, out, cache, "--overwrite")
+    stale = ["metrics.json"] if Path(f"{out}.metrics.json").exists() else []  # that input has no labels
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{"text": "ball goal"}, {"text": "soup"}])
+    proc = predict(trained / "hf_model", clean, out, cache, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not Path(f"{out}.bad_rows.jsonl").exists(), "bad_rows.jsonl of the earlier input was left"
+    stale += ["bad_rows.jsonl"] if Path(f"{out}.bad_rows.jsonl").exists() else []  # that input has no bad rows
+    assert stale == [], f"left from the earlier predictions into {out.name}: {stale}"
 
 
 # ============================================================================= 6. --eval-only

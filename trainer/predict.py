@@ -142,6 +142,8 @@ def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.
         if os.path.exists(tmp):
             os.unlink(tmp)
     summary = {"rows": int(store.n), "predicted": n, "bad_rows": len(bad)}
+    for side in (f"{path}.bad_rows.jsonl", f"{path}.metrics.json"):  # a replaced output's are stale
+        Path(side).unlink(missing_ok=True)
     if bad:
         Path(f"{path}.bad_rows.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bad))
     gold = _gold(store, labels)
@@ -162,7 +164,8 @@ def _output_rows(source, fields, label_field, wanted, rows, keep_mask, table, pr
         if i >= len(rows) or rows[i] != row:  # (blank jsonl lines are no rows of the store either)
             continue
         if keep_mask[i]:
-            out = {c: (record.get(c) if isinstance(record, dict) else None) for c in wanted}
+            found = record if isinstance(record, dict) else getattr(record, "record", None) or {}
+            out = {c: found.get(c) for c in wanted}
             out["label"] = labels[int(pred[i])]
             if probabilities:
                 out["probabilities"] = {str(lab): round(float(x), 6) for lab, x in zip(labels, table[i])}

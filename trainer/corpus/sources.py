@@ -101,7 +101,9 @@ def _field(record: dict, field: str, path: str, row: int) -> str:
 
 
 class BadRow(str):
-    """What is wrong with a row that `iter_records(..., tolerant=True)` could not read (yielded in its place)."""
+    """What is wrong with a row that `iter_records(..., tolerant=True)` could not read (yielded in its place);
+    `record`: what could still be read of it (a JSON line with a stray non-UTF-8 byte), for pass-through."""
+    record: Optional[dict] = None
 
 
 def iter_records(path: str, fmt: str, fields: Optional[list] = None, tolerant: bool = False,
@@ -132,6 +134,15 @@ def _records_jsonl(path: str, tolerant: bool):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 problem = f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)"
+                if tolerant:
+                    bad = BadRow(problem)
+                    try:
+                        salvaged = json.loads(raw.decode("utf-8", errors="replace"))
+                        bad.record = salvaged if isinstance(salvaged, dict) else None
+                    except json.JSONDecodeError:
+                        pass
+                    yield row, bad
+                    continue
             else:
                 if not line.strip():
                     continue

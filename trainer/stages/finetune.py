@@ -41,6 +41,7 @@ class Task:
     lengths: dict = None  # split → tokens per example after truncation (numpy)
     encoder: truncation.Encoder = None
     collate: Collator = None
+    train_sums: tuple = ()  # (examples, chunks, tokens, Σ chunk length²) of train
 
     def batch(self, split: str, idx: np.ndarray) -> dict:
         examples = self.splits[split]
@@ -149,7 +150,12 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
         truncation.validate(t.text, len(t.data.text_fields), 10**9)
         t.splits, t.vocab = load_task(t.data, cfg.seed, tokenizer, _cache_dir(), log=accelerator.print)
         t.encoder = truncation.Encoder(tokenizer, t.text)
-        t.lengths = {name: truncation.encoded_stats(ex.piece_lengths(), t.text)[0] for name, ex in t.splits.items()}
+        t.lengths = {}
+        for name, ex in t.splits.items():  # tokens per example (length grouping); Σs for the FLOPs count
+            tokens, chunks, squares = truncation.encoded_stats(ex.piece_lengths(), t.text)
+            t.lengths[name] = tokens
+            if name == "train":
+                t.train_sums = (len(ex), int(chunks.sum()), int(tokens.sum()), int(squares.sum()))
         t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical")
         accelerator.print(f"{t.name if cfg.tasks else 'task'}: " +
                           " · ".join(f"{n} {len(e)}" for n, e in t.splits.items()) + f" · labels {t.vocab}")
@@ -251,9 +257,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
     def loss(model, batch):
         return model(**batch)[0]
 
-    stats = [truncation.encoded_stats(t.splits["train"].piece_lengths(), t.text) for t in tasks]
-    fpt = finetuning_flops_per_token(model.encoder, sum(len(t.splits["train"]) for t in tasks),
-                                     *(sum(int(s[k].sum()) for s in stats) for k in (1, 0, 2)),
+    fpt = finetuning_flops_per_token(model.encoder, *(sum(t.train_sums[k] for t in tasks) for k in range(4)),
                                      max(len(t.vocab) for t in tasks), train_encoder=not cfg.head.freeze_encoder)
 
     def lr_gate(step: int) -> list:

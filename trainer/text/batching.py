@@ -17,20 +17,24 @@ MEGA = 50
 
 
 def epoch_global_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
-                         group_by_length: bool = True) -> list[np.ndarray]:
+                         group_by_length: bool = True) -> np.ndarray:
+    """The epoch's global batches as rows of one (batches, global_batch) int32 array — no Python object per
+    batch or example, so memory stays flat in the dataset size."""
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch, 17])
-    order = rng.permutation(n)
+    order = rng.permutation(n).astype(np.int32)
     if group_by_length:
         mega = global_batch * MEGA
-        parts = [order[i:i + mega] for i in range(0, len(order), mega)]
-        order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
-    batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
-    short = global_batch - len(batches[-1])
+        for i in range(0, n, mega):  # in place, one mega-batch at a time
+            part = order[i:i + mega]
+            part[:] = part[np.argsort(-lengths[part], kind="stable")]
+    short = -n % global_batch
     if short:  # fill the last batch with examples it does not hold yet (repeats only if n < global batch)
-        others = order[~np.isin(order, batches[-1])][:short]
-        batches[-1] = np.resize(np.concatenate([batches[-1], others]), global_batch)
-    return [batches[i] for i in rng.permutation(len(batches))]
+        last = order[n - (n % global_batch):]
+        others = order[~np.isin(order, last)][:short]
+        order = np.concatenate([order, np.resize(np.concatenate([last, others]), global_batch)[len(last):]])
+    batches = order.reshape(-1, global_batch)
+    return batches[rng.permutation(len(batches))]
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:

@@ -24,8 +24,8 @@ BUILTIN_TASKS = ("builtin:topics", "builtin:polarity", "builtin:length")
 class Examples:
     """Examples of one split: rows `idx` of a prepared store with their class ids."""
     store: SplitStore
-    idx: np.ndarray  # int64 rows of the store
-    labels: np.ndarray  # int64 class ids
+    idx: np.ndarray  # int32 rows of the store
+    labels: np.ndarray  # int32 class ids
     source: str
 
     def __len__(self) -> int:
@@ -82,7 +82,7 @@ def class_ids(store: SplitStore, vocab: list, names: bool) -> np.ndarray:
     """Class id of every example of `store`; a label not in `vocab` is an error naming its row."""
     index = {label: i for i, label in enumerate(vocab)}
     numeric = isinstance(vocab[0], int)
-    ids = np.empty(len(store.label_values), dtype=np.int64)
+    ids = np.empty(len(store.label_values), dtype=np.int32)
     for v, label in enumerate(store.label_values):
         if names and isinstance(label, int) and store.label_names in (None, vocab):
             key = vocab[label] if 0 <= label < len(vocab) else None  # a ClassLabel id
@@ -115,7 +115,7 @@ def stratified_indices(labels: np.ndarray, seed: int, *, fraction: Optional[floa
         idx = np.flatnonzero(labels == y)
         k = per_class if per_class is not None else max(1, int(round(fraction * len(idx))))
         chosen.append(rng.permutation(idx)[:min(k, len(idx))])
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+    return np.sort(np.concatenate(chosen))
 
 
 def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Path, log=print):
@@ -131,7 +131,7 @@ def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Pa
         raise UserError(f"{cfg.train}: the training labels hold a single class ({vocab[0]!r})")
 
     def examples(store: SplitStore) -> Examples:
-        return Examples(store, np.arange(store.n, dtype=np.int64), class_ids(store, vocab, names), store.meta["source"])
+        return Examples(store, np.arange(store.n, dtype=np.int32), class_ids(store, vocab, names), store.meta["source"])
 
     train = examples(train_store)
     if cfg.dev:
@@ -142,7 +142,7 @@ def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Pa
         dev_idx = stratified_indices(train.labels, seed, fraction=cfg.dev_ratio)
         keep = np.ones(len(train), dtype=bool)
         keep[dev_idx] = False
-        dev, train = train.subset(dev_idx), train.subset(np.flatnonzero(keep))
+        dev, train = train.subset(dev_idx), train.subset(keep)
         log(f"dev split: {len(dev_idx)} stratified examples carved from {cfg.train} (data.dev_ratio={cfg.dev_ratio})")
     if cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None:
         if cfg.few_shot_fraction is not None and not 0 < cfg.few_shot_fraction <= 1:

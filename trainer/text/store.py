@@ -7,6 +7,7 @@ runs all map the same files:
 
     tok_<f>.bin  word pieces of text field f, back to back (uint16, or uint32 for vocabularies > 65,535)
     off_<f>.npy  int64 offsets into it (n + 1)
+    len_<f>.npy  int32 pieces per example (read whole for length grouping; the offsets stay untouched pages)
     label.npy    int32 index into meta["label_values"] (-1: no label)
     row.npy      int64 row of the source, for messages
     meta.json    source, fields, label values (and ClassLabel names), sizes of the files above
@@ -38,7 +39,7 @@ from ..corpus.prepare import _encode, _encode_in_worker, _init_worker, build_onc
 from ..corpus.sources import BadRow, iter_records
 from ..errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BATCH = 1000  # records per tokenizer call
 
 
@@ -116,7 +117,7 @@ class SplitStore:
         return self.meta.get("label_names")
 
     def piece_lengths(self, field: int) -> np.ndarray:
-        return np.diff(self.offsets[field]).astype(np.int64)
+        return np.load(self.path / f"len_{field}.npy")
 
     def pieces(self, i: int) -> tuple:
         """Word pieces of example i, one list per text field."""
@@ -237,6 +238,7 @@ class _Writer:
             handle.close()
             lengths = np.concatenate(self.lengths[f]) if self.lengths[f] else np.zeros(0, np.int64)
             np.save(self.out / f"off_{f}.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            np.save(self.out / f"len_{f}.npy", lengths.astype(np.int32))
             pieces.append(int(lengths.sum()))
         np.save(self.out / "label.npy", np.concatenate(self.labels) if self.labels else np.zeros(0, np.int32))
         np.save(self.out / "row.npy", np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64))
