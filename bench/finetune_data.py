@@ -174,7 +174,7 @@ def cmd_start(args, tmp: Path, tok: str) -> None:
                "stages.fit_after_multitask=true", "finetune.train.max_steps=2", "finetune.train.log_every=1"]
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))
+                             env=dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
         starts, firsts, tail = [], [], []
         for line in p.stdout:
             now = time.perf_counter() - t0

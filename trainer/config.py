@@ -138,6 +138,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: list = field(default_factory=list)
+    group: Optional[str] = None  # wandb's run group (a grid's points share one)
 
 
 @dataclass
@@ -249,6 +250,21 @@ CHOICES = {
     "multitask.sampling": ("proportional", "uniform", "temperature"),
 }
 
+
+
+@dataclass
+class GridConfig:
+    """A sweep (launch/grid.py): a base run config, values for any of its keys, seeds; each point is its own run."""
+    output_dir: str = "runs/grid"
+    stage: str = "finetune"  # finetune | pretrain | recipe: the entry point each point runs
+    base: str = ""  # the base run config (YAML; relative paths from the repo root)
+    overrides: dict = field(default_factory=dict)  # config key → value, for every point
+    axes: dict = field(default_factory=dict)  # config key → list of values; the grid is their product
+    seeds: list = field(default_factory=lambda: [42])
+    launcher: str = ""  # "": `python launch/<stage>.py`; else an accelerate config: `accelerate launch --config_file …`
+    study: str = "auto"  # auto | truncation | layer | lr_decay | forgetting | few_shot | pretrain_steps | generic
+    paper_dataset: Optional[str] = None  # the paper's column to print beside ours (imdb, sogou, trec, ag, …)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 # ----------------------------------------------------------------------------- building
 def _type_ok(value: Any, tp: Any) -> bool:

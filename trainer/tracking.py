@@ -48,6 +48,7 @@ class Tracker:
             import wandb
             self.wandb_run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
                                         tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, config=run_config,
+                                        group=wandb_cfg.group,
                                         dir=str(output_dir), id=wandb_id, resume="allow" if wandb_id else None)
             self.wandb_id = self.wandb_run.id
         from tqdm.auto import tqdm

@@ -1,0 +1,113 @@
+"""launch/grid.py: a 2×2 grid on the tiny model end to end — points run, an interrupted one resumed, finished ones
+skipped on a rerun, grid_results.jsonl, the markdown table and the figures (valid PNGs) — plus sharding and the
+refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launching import REPO, env, error_lines
+from trainer import grid
+from trainer.config import GridConfig, load
+
+TINY_GRID = REPO / "configs" / "grid" / "tiny.yaml"
+STEPS = "overrides={train.max_steps: 12, train.eval_every: 4, train.log_every: 4}"
+
+
+def run_grid(out: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/grid.py", "--config", str(TINY_GRID), f"output_dir={out}",
+                           STEPS, *args], cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=900)
+
+
+def is_png(path: Path) -> bool:
+    import matplotlib.image as mpimg
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and mpimg.imread(str(path)).shape[0] > 50
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """The tiny grid, with its third point interrupted beforehand (a checkpoint at step 4, no results)."""
+    root = tmp_path_factory.mktemp("grid")
+    out, cache = root / "grid", root / "cache"
+    cfg = load(GridConfig, str(TINY_GRID), [f"output_dir={out}", STEPS])
+    points = grid.points(cfg)
+    stopped = points[2]
+    cmd = grid.command(cfg, stopped, "fresh") + ["train.stop_at_step=4", "train.save_every=4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (stopped.out / "eval_results.json").exists()
+    first = run_grid(out, cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out, cache, points, stopped, first
+
+
+def test_every_point_runs_and_the_interrupted_one_resumes(ran):
+    out, _, points, stopped, first = ran
+    rows = [json.loads(line) for line in (out / "grid_results.jsonl").read_text().splitlines()]
+    assert [r["point"] for r in rows] == [p.name for p in points] and len(rows) == 4
+    for r, p in zip(rows, points):
+        assert r["params"] == p.params
+        result = json.loads((p.out / "eval_results.json").read_text())
+        assert r["test_error"] == result["test"]["error_rate"] and r["dev_error"] == result["dev"]["error_rate"]
+        assert [c[1] for c in r["dev_curve"]] == [4, 8, 12]  # the dev error at every evaluation (Fig. 2)
+        config = (p.out / "config.yaml").read_text()
+        assert f"lr: {p.params['optim.lr']}" in config and f"layer_decay: {p.params['optim.layer_decay']}" in config
+    log = (stopped.out / "grid.log").read_text()
+    assert "--resume" in log and "resumed from" in log and "step_00000004" in log
+    assert "resuming" in first.stdout and first.stdout.count("running") == 3
+
+
+def test_the_table_and_figures(ran):
+    out = ran[0]
+    table = (out / "results.md").read_text()
+    assert table.startswith("# Table 4")
+    body = [line for line in table.splitlines() if line.startswith("| 0.00")]
+    assert len(body) == 4  # one row per point (one seed each)
+    rows = [json.loads(line) for line in (out / "grid_results.jsonl").read_text().splitlines()]
+    for r in rows:  # each row shows its own point's test error
+        lr, xi = r["params"]["optim.lr"], r["params"]["optim.layer_decay"]
+        line = next(b for b in body if b.startswith(f"| {lr} | {xi} |"))
+        assert f"{100 * r['test_error']:.2f}" in line
+    for name in ("lr_decay_heatmap", "forgetting"):
+        assert is_png(out / f"{name}.png") and (out / f"{name}.svg").is_file()
+
+
+def test_a_rerun_skips_finished_points(ran):
+    out, cache, points, _, _ = ran
+    before = {p.name: (p.out / "metrics.jsonl").read_text() for p in points}
+    again = run_grid(out, cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished, skipped") == 4 and "running" not in again.stdout
+    assert {p.name: (p.out / "metrics.jsonl").read_text() for p in points} == before
+
+
+def test_shards_split_the_points(tmp_path):
+    cfg = load(GridConfig, str(TINY_GRID), [f"output_dir={tmp_path}", "seeds=[1, 2]"])
+    names = [p.name for p in grid.points(cfg)]
+    assert len(names) == 8 and len(set(names)) == 8
+    shards = [[p.name for p in grid.points(cfg) if p.index % 3 == i] for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(names) and all(shards)
+    assert grid.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(Exception, match="--shard"):
+            grid.parse_shard(bad)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("axes={optim.lrr: [1.0e-3]}", "grid point .*optim.lrr"),
+    ("base=configs/finetune/nope.yaml", "base config not found"),
+    ("axes={optim.lr: 1.0e-3}", "axes.optim.lr must be a non-empty list"),
+    ("stage=train", "stage must be one of"),
+])
+def test_bad_grid_config_is_one_line_before_any_run(tmp_path, override, match):
+    proc = subprocess.run([sys.executable, "launch/grid.py", "--config", str(TINY_GRID), f"output_dir={tmp_path / 'g'}",
+                           override], cwd=REPO, env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    errors = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    import re
+    assert re.search(match, errors[0]), errors[0]
+    assert not (tmp_path / "g" / "points").exists()

@@ -1,0 +1,251 @@
+"""A grid's report: markdown tables mirroring the paper's (ours as mean ± sd over seeds, the paper's number beside
+where it has one — `paper.py`) and PNG figures (matplotlib; SVG beside each). Which table and figures a grid gets
+follows its axes (`study: auto`) or `study`:
+
+    truncation      text.strategy / text.chunk_pool      Table 2 + bar chart
+    layer           head.layers / head.layer_pool        Table 3 + error by layer
+    lr_decay        optim.lr × optim.layer_decay         Table 4 + lr × ξ heat map + dev error per epoch per lr
+    forgetting      optim.lr                             dev error per epoch for each lr (Fig. 2)
+    few_shot        data.few_shot_fraction (× a start model)  error vs training-set fraction (Fig. 4)
+    pretrain_steps  pretrain.train.max_steps (recipe)    error vs further-pre-training steps (Fig. 3)
+    generic         anything else                        a table + error along the first axis"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import paper
+from .config import GridConfig
+
+AUTO = [("text.strategy", "truncation"), ("text.chunk_pool", "truncation"), ("head.layers", "layer"),
+        ("head.layer_pool", "layer"), ("data.few_shot_fraction", "few_shot"),
+        ("pretrain.train.max_steps", "pretrain_steps")]
+
+
+def study_of(cfg: GridConfig) -> str:
+    if cfg.study != "auto":
+        return cfg.study
+    keys = set(cfg.axes)
+    if {"optim.lr", "optim.layer_decay"} <= keys:
+        return "lr_decay"
+    for key, study in AUTO:
+        if key in keys:
+            return study
+    return "forgetting" if keys == {"optim.lr"} else "generic"
+
+
+def _key(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def groups(rows: list[dict], axes: list[str]) -> dict:
+    """axis values (tuple) → the rows of every seed of that combination, in grid order."""
+    out = defaultdict(list)
+    for r in rows:
+        out[tuple(_key(r["params"][k]) for k in axes)].append(r)
+    return out
+
+
+def _error(r: dict, stage_task: Optional[tuple] = None) -> Optional[float]:
+    if stage_task is not None:
+        task, stage = stage_task
+        return r.get("table", {}).get(task, {}).get(stage)
+    return r.get("test_error", r.get("dev_error"))
+
+
+def _stats(values: list) -> tuple[float, float, int]:
+    v = np.array([x for x in values if x is not None], dtype=float) * 100
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _cell(values: list) -> str:
+    mean, sd, n = _stats(values)
+    if n == 0:
+        return "–"
+    return f"{mean:.2f} ± {sd:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def paper_key(study: str, params: dict):
+    if study == "truncation":
+        s = params.get("text.strategy", "head")
+        return f"hierarchical/{params.get('text.chunk_pool', 'mean')}" if s == "hierarchical" else s
+    if study == "layer":
+        layers = params.get("head.layers", -1)
+        return f"{layers}/{params.get('head.layer_pool', 'concat')}" if isinstance(layers, str) else str(layers)
+    if study == "lr_decay":
+        return (float(params["optim.lr"]), float(params["optim.layer_decay"]))
+    return None
+
+
+PAPER_TABLES = {"truncation": paper.TRUNCATION, "layer": paper.LAYER, "lr_decay": paper.LR_DECAY}
+TITLES = {"truncation": "Table 2 — long text: truncation and hierarchy", "layer": "Table 3 — which layer",
+          "lr_decay": "Table 4 — layer-wise decayed learning rate (lr × ξ)",
+          "forgetting": "Fig. 2 — learning rate and catastrophic forgetting", "few_shot": "Fig. 4 — few-shot",
+          "pretrain_steps": "Fig. 3 — further pre-training steps", "generic": "Grid"}
+
+
+def write_report(cfg: GridConfig, rows: list[dict], out: Path) -> list[str]:
+    """Write `results.md` (and `<study>_*.png/svg` figures) under `out`; → the paths written."""
+    study = study_of(cfg)
+    axes = list(cfg.axes)
+    by = groups(rows, axes)
+    table = _table(cfg, study, axes, by, rows)
+    (out / "results.md").write_text(table)
+    written = [str(out / "results.md")]
+    if rows:
+        written += _figures(cfg, study, axes, by, rows, out)
+    return written
+
+
+def _table(cfg, study, axes, by, rows) -> str:
+    split = "test" if any("test_error" in r for r in rows) else "dev"
+    lines = [f"# {TITLES.get(study, 'Grid')}", "",
+             f"{len(rows)} finished run(s); error rate (%) as mean ± sd over seeds {cfg.seeds}"
+             + (f"; paper: Sun et al. 2019, {cfg.paper_dataset}" if cfg.paper_dataset else "") + ".", ""]
+    if cfg.stage == "recipe":
+        cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
+        head = [*axes, *[f"{t} {s}" for t, s in cells]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for combo, rs in by.items():
+            lines.append("| " + " | ".join([*combo, *[_cell([_error(r, c) for r in rs]) for c in cells]]) + " |")
+        return "\n".join(lines) + "\n"
+    ref = PAPER_TABLES.get(study)
+    head = [*axes, "dev error", f"{split} error", "seeds"] + (["paper"] if ref and cfg.paper_dataset else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for combo, rs in by.items():
+        cells = [*combo, _cell([r.get("dev_error") for r in rs]), _cell([_error(r) for r in rs]), str(len(rs))]
+        if ref and cfg.paper_dataset:
+            value = paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"]))
+            cells.append(f"{value:.2f}" if value is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    best = min(by.items(), key=lambda kv: _stats([_error(r) for r in kv[1]])[0], default=None)
+    if best is not None:
+        lines += ["", f"Lowest {split} error: {', '.join(f'{k}={v}' for k, v in zip(axes, best[0]))}"]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            fig.savefig(out / f"{name}.{ext}", dpi=120)
+        plt.close(fig)
+        written.append(str(out / f"{name}.png"))
+
+    ylabel = "test error (%)" if any("test_error" in r for r in rows) else "dev error (%)"
+    if cfg.stage == "recipe":
+        cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = [_x(r["params"][axes[0]]) for r in (rs[0] for rs in by.values())] if axes else [0]
+        for c in cells:
+            ys = [_stats([_error(r, c) for r in rs]) for rs in by.values()]
+            ax.errorbar(xs, [m for m, _, _ in ys], yerr=[s for _, s, _ in ys], marker="o", capsize=3,
+                        label=f"{c[0]} {c[1]}")
+        ax.set_xlabel(axes[0] if axes else "")
+        ax.set_ylabel(ylabel)
+        ax.set_title(TITLES.get(study, "Grid"))
+        ax.legend(fontsize=7)
+        save(fig, study)
+        return written
+    if study == "lr_decay":
+        lrs = sorted({float(r["params"]["optim.lr"]) for r in rows})
+        xis = sorted({float(r["params"]["optim.layer_decay"]) for r in rows}, reverse=True)
+        grid = np.full((len(lrs), len(xis)), np.nan)
+        for r in rows:
+            i, j = lrs.index(float(r["params"]["optim.lr"])), xis.index(float(r["params"]["optim.layer_decay"]))
+            same = [_error(x) for x in rows if x["params"]["optim.lr"] == r["params"]["optim.lr"]
+                    and x["params"]["optim.layer_decay"] == r["params"]["optim.layer_decay"]]
+            grid[i, j] = _stats(same)[0]
+        fig, ax = plt.subplots(figsize=(1.3 * len(xis) + 2, 0.8 * len(lrs) + 1.8))
+        im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(xis)), [f"{x:g}" for x in xis])
+        ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
+        ax.set_xlabel("ξ (optim.layer_decay)")
+        ax.set_ylabel("lr")
+        for i in range(len(lrs)):
+            for j in range(len(xis)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=9)
+        fig.colorbar(im, ax=ax, label=ylabel)
+        ax.set_title(TITLES["lr_decay"], fontsize=9)
+        save(fig, "lr_decay_heatmap")
+    if study in ("lr_decay", "forgetting"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        first_xi = rows[0]["params"].get("optim.layer_decay")
+        for lr in sorted({float(r["params"]["optim.lr"]) for r in rows}):
+            rs = [r for r in rows if float(r["params"]["optim.lr"]) == lr
+                  and r["params"].get("optim.layer_decay") == first_xi and r.get("dev_curve")]
+            if not rs:
+                continue
+            n = min(len(r["dev_curve"]) for r in rs)
+            epochs = [p[0] if p[0] is not None else p[1] for p in rs[0]["dev_curve"][:n]]
+            ys = np.mean([[100 * p[2] for p in r["dev_curve"][:n]] for r in rs], axis=0)
+            ax.plot(epochs, ys, marker="o", label=f"lr {lr:g}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("dev error (%)")
+        ax.set_title(TITLES["forgetting"] + (f" (ξ = {first_xi})" if first_xi is not None else ""), fontsize=9)
+        ax.legend()
+        save(fig, "forgetting")
+        if study == "lr_decay":
+            return written
+    # one line along the first axis, one per combination of the other axes
+    if study == "truncation" or not axes:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(by)), 4))
+        labels = [" / ".join(k) for k in by] or ["run"]
+        stats = [_stats([_error(r) for r in rs]) for rs in by.values()]
+        ax.bar(range(len(stats)), [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], capsize=4,
+               label="ours")
+        ref = PAPER_TABLES.get(study)
+        if ref and cfg.paper_dataset:
+            pv = [paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])) for rs in by.values()]
+            ax.plot([i for i, v in enumerate(pv) if v is not None], [v for v in pv if v is not None], "k*",
+                    markersize=10, label=f"paper ({cfg.paper_dataset})")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(TITLES.get(study, "Grid"), fontsize=9)
+        ax.legend()
+        save(fig, study)
+        return written
+    fig, ax = plt.subplots(figsize=(6, 4))
+    first, rest = axes[0], axes[1:]
+    series = defaultdict(list)
+    for combo, rs in by.items():
+        series[combo[1:]].append((_x(rs[0]["params"][first]), _stats([_error(r) for r in rs])))
+    for other, pts in series.items():
+        pts.sort(key=lambda p: p[0])
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
+                    label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, other)) or "ours")
+    ref = PAPER_TABLES.get(study)
+    if ref and cfg.paper_dataset and not rest:
+        pv = [(_x(rs[0]["params"][first]), paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])))
+              for rs in by.values()]
+        pv = sorted(p for p in pv if p[1] is not None)
+        if pv:
+            ax.plot([p[0] for p in pv], [p[1] for p in pv], "k--*", label=f"paper ({cfg.paper_dataset})")
+    if study == "few_shot":
+        ax.set_xscale("log")
+    ax.set_xlabel(first)
+    ax.set_ylabel(ylabel)
+    ax.set_title(TITLES.get(study, "Grid"), fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, study)
+    return written
+
+
+def _x(value):
+    """A numeric x for plotting; non-numeric values keep their order of appearance via a string axis."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
