@@ -154,24 +154,37 @@ class Classifier(nn.Module):
     def hierarchical(self) -> bool:
         return self._only_head().hierarchical
 
-    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+                 max_seqlen=None) -> torch.Tensor:
+        """[CLS] features per sequence; packed input (`cu_seqlens`, see unpadded.py) reads them at each start."""
         all_layers = not (self.layers == [self.num_layers])
         kwargs = {"token_type_ids": token_type_ids} if self.use_token_types and token_type_ids is not None else {}
+        if cu_seqlens is not None:
+            kwargs.update(position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers,
                            **kwargs)
+        if cu_seqlens is None:
+            def cls(h):
+                return h[:, 0]
+        else:
+            starts = cu_seqlens[:-1].long()
+
+            def cls(h):
+                return h[0, starts]
         if self.use_pooler:
-            return out.pooler_output
+            return out.pooler_output if cu_seqlens is None else self.encoder.pooler(cls(out.last_hidden_state)[:, None])
         if not all_layers:
-            return out.last_hidden_state[:, 0]
-        cls = [out.hidden_states[i][:, 0] for i in self.layers]
-        if len(cls) == 1 or self.head_cfg.layer_pool == "concat":
-            return torch.cat(cls, dim=-1)
-        stacked = torch.stack(cls)
+            return cls(out.last_hidden_state)
+        feats = [cls(out.hidden_states[i]) for i in self.layers]
+        if len(feats) == 1 or self.head_cfg.layer_pool == "concat":
+            return torch.cat(feats, dim=-1)
+        stacked = torch.stack(feats)
         return stacked.mean(0) if self.head_cfg.layer_pool == "mean" else stacked.max(0).values
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, doc_index=None, task=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_index=None, task=None,
+                **packed):
         head = self.heads[task] if task is not None else self._only_head()
-        return head(self.features(input_ids, attention_mask, token_type_ids), labels, doc_index)
+        return head(self.features(input_ids, attention_mask, token_type_ids, **packed), labels, doc_index)
 
     # ------------------------------------------------------------------ export / load
     def task_state_dict(self, state_dict: dict, task: str) -> dict:

@@ -38,8 +38,9 @@ class ModelConfig:
     # auto: accelerate's --mixed_precision / config (bf16 | fp16) if it sets one, else fp32
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
-    # auto: sdpa where the model supports it, else eager (logged); an explicit choice the model lacks is an error
-    attn_implementation: str = "auto"  # auto | sdpa | eager
+    # auto: sdpa where the model supports it, else eager (logged); an explicit choice the model lacks is an error;
+    # unpadded (fine-tuning): a batch packed into one row, attention per sequence (trainer/unpadded.py)
+    attn_implementation: str = "auto"  # auto | sdpa | eager | unpadded
     tokenizer_mismatch_ok: bool = False  # allow a tokenizer whose vocabulary differs from the pretrained model's
     compile: bool = False  # torch.compile the model (GPU throughput; not with ZeRO-3)
 
@@ -237,7 +238,7 @@ _LIST_ITEM_TYPES = {(PretrainDataConfig, "corpora"): CorpusSource, (FinetuneConf
 
 CHOICES = {
     "model.precision": ("auto", "fp32", "bf16", "fp16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "unpadded"),
     "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
                         "polynomial"),
     "wandb.mode": ("online", "offline", "disabled"),

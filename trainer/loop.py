@@ -31,7 +31,8 @@ class Job:
     loss: Callable[[torch.nn.Module, dict], torch.Tensor]
     samples_per_epoch: int
     export: Callable[[object, torch.nn.Module], None]  # (accelerator, model) → final HF export
-    tokens: Callable[[dict], torch.Tensor] = lambda b: b["attention_mask"].sum()
+    tokens: Callable[[dict], torch.Tensor] = (  # real tokens (an unpadded batch has no padding to mask)
+        lambda b: b["attention_mask"].sum() if "attention_mask" in b else torch.tensor(b["input_ids"].numel()))
     flops_per_token: Optional[float] = None
     # fine-tuning: model → {task: dev metrics} (collective); the loop keeps the checkpoint with the best
     # `select_metric` averaged over tasks and restores it before `export`, which then evaluates test once

@@ -80,6 +80,8 @@ def instantiate(make, cfg: ModelConfig, what: str):
     (DeBERTa-v2, for one), falls back to eager with one log line — the same model, slower kernel. An explicit
     choice the model cannot honour stays an error."""
     want = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    if want == "unpadded":  # built with SDPA; fine-tuning switches to the packed kernel (unpadded.py)
+        want = "sdpa"
     try:
         return make(want)
     except ValueError as exc:

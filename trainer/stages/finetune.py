@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import loop
+from .. import loop, unpadded
 from ..classifier import RECIPE_FILE, SINGLE, Classifier, plain_init
 from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig, to_dict
 from ..distributed import make_accelerator, resolve_launch_settings
@@ -156,12 +156,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
             t.lengths[name] = tokens
             if name == "train":
                 t.train_sums = (len(ex), int(chunks.sum()), int(tokens.sum()), int(squares.sum()))
-        t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical")
         accelerator.print(f"{t.name if cfg.tasks else 'task'}: " +
                           " · ".join(f"{n} {len(e)}" for n, e in t.splits.items()) + f" · labels {t.vocab}")
     model = build_model(cfg, tokenizer, tasks)
+    packed = cfg.model.attn_implementation == "unpadded"
+    if packed:
+        unpadded.check(model.encoder.config)
+        model.encoder.set_attn_implementation(unpadded.register())
     for t in tasks:
         truncation.validate(t.text, len(t.data.text_fields), max_positions(model.encoder))
+        t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical", unpadded=packed,
+                             position_offset=unpadded.position_offset(model.encoder.config) if packed else 0)
     if cfg.model.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -194,7 +199,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
         """Logits for every example of `split`, gathered from all ranks (each rank runs equal batch counts)."""
         chunks = []
         for idx, valid in rank_eval_batches(t.lengths[split], t.data.eval_batch_size, topo.world_size, topo.rank):
-            batch = {k: v.to(accelerator.device) for k, v in t.batch(split, idx).items()}
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in t.batch(split, idx).items()}
             _, logits = model(**batch, task=t.name)
             keep = torch.as_tensor(valid, device=accelerator.device)
             packed = torch.cat([torch.as_tensor(idx, device=accelerator.device).unsqueeze(1).float(),

@@ -36,6 +36,9 @@ def _builtin_name(cfg: PretrainConfig):
 
 
 def validate(cfg: PretrainConfig) -> None:
+    if cfg.model.attn_implementation == "unpadded":
+        raise UserError("model.attn_implementation=unpadded is for fine-tuning: pre-training rows are packed full, "
+                        "there is no padding to skip")
     if not cfg.data.corpora:
         raise UserError("data.corpora is empty: name at least one corpus (file, glob, hub dataset or builtin:grammar)")
     if cfg.data.seq_len < 8:

@@ -75,26 +75,38 @@ def rank_eval_batches(lengths, batch_size: int, world: int, rank: int) -> list[t
 
 
 class Collator:
-    """Pads a list of encoded examples; hierarchical examples flatten into chunks + `doc_index`."""
+    """Pads a list of encoded examples; hierarchical examples flatten into chunks + `doc_index`.
 
-    def __init__(self, pad_id: int, hierarchical: bool):
+    unpadded (`model.attn_implementation: unpadded`): no padding at all — the chunks back to back in one row, with
+    position ids restarting at each (from `position_offset`) and `cu_seqlens` / `max_seqlen` for the attention."""
+
+    def __init__(self, pad_id: int, hierarchical: bool, unpadded: bool = False, position_offset: int = 0):
         self.pad_id, self.hierarchical = pad_id, hierarchical
+        self.unpadded, self.position_offset = unpadded, position_offset
 
     def __call__(self, encoded: list, labels) -> dict:
         chunks, doc_index = [], []
         for d, example in enumerate(encoded):
             chunks.extend(example)
             doc_index.extend([d] * len(example))
-        width = max(len(ids) for ids, _ in chunks)
-        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(chunks), width), dtype=torch.long)
-        mask = torch.zeros((len(chunks), width), dtype=torch.long)
-        for i, (x, t) in enumerate(chunks):
-            ids[i, :len(x)] = torch.tensor(x)
-            types[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(x)] = 1
-        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
-                 "labels": torch.as_tensor(np.asarray(labels), dtype=torch.long)}
+        if self.unpadded:
+            lengths = [len(x) for x, _ in chunks]
+            batch = {"input_ids": torch.tensor([t for x, _ in chunks for t in x]).unsqueeze(0),
+                     "token_type_ids": torch.tensor([t for _, ty in chunks for t in ty]).unsqueeze(0),
+                     "position_ids": (torch.cat([torch.arange(n) for n in lengths]) + self.position_offset)[None],
+                     "cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
+                     "max_seqlen": max(lengths)}
+        else:
+            width = max(len(ids) for ids, _ in chunks)
+            ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+            types = torch.zeros((len(chunks), width), dtype=torch.long)
+            mask = torch.zeros((len(chunks), width), dtype=torch.long)
+            for i, (x, t) in enumerate(chunks):
+                ids[i, :len(x)] = torch.tensor(x)
+                types[i, :len(t)] = torch.tensor(t)
+                mask[i, :len(x)] = 1
+            batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        batch["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if self.hierarchical:
             batch["doc_index"] = torch.tensor(doc_index, dtype=torch.long)
         return batch
