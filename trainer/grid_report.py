@@ -131,22 +131,22 @@ def _table(cfg, study, axes, by, rows) -> str:
 
 
 def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plot import _figure, _save
     written = []
+
+    def subplots(figsize):
+        fig, (ax,) = _figure(1, figsize)
+        return fig, ax
 
     def save(fig, name):
         fig.tight_layout()
-        for ext in ("png", "svg"):
-            fig.savefig(out / f"{name}.{ext}", dpi=120)
-        plt.close(fig)
+        _save(fig, out / f"{name}.png", svg=True)
         written.append(str(out / f"{name}.png"))
 
     ylabel = "test error (%)" if any("test_error" in r for r in rows) else "dev error (%)"
     if cfg.stage == "recipe":
         cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots((7, 4))
         xs = [_x(r["params"][axes[0]]) for r in (rs[0] for rs in by.values())] if axes else [0]
         for c in cells:
             ys = [_stats([_error(r, c) for r in rs]) for rs in by.values()]
@@ -167,7 +167,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
             same = [_error(x) for x in rows if x["params"]["optim.lr"] == r["params"]["optim.lr"]
                     and x["params"]["optim.layer_decay"] == r["params"]["optim.layer_decay"]]
             grid[i, j] = _stats(same)[0]
-        fig, ax = plt.subplots(figsize=(1.3 * len(xis) + 2, 0.8 * len(lrs) + 1.8))
+        fig, ax = subplots((1.3 * len(xis) + 2, 0.8 * len(lrs) + 1.8))
         im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
         ax.set_xticks(range(len(xis)), [f"{x:g}" for x in xis])
         ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
@@ -181,7 +181,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         ax.set_title(TITLES["lr_decay"], fontsize=9)
         save(fig, "lr_decay_heatmap")
     if study in ("lr_decay", "forgetting"):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots((6, 4))
         first_xi = rows[0]["params"].get("optim.layer_decay")
         for lr in sorted({float(r["params"]["optim.lr"]) for r in rows}):
             rs = [r for r in rows if float(r["params"]["optim.lr"]) == lr
@@ -201,7 +201,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
             return written
     # one line along the first axis, one per combination of the other axes
     if study == "truncation" or not axes:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(by)), 4))
+        fig, ax = subplots((max(5, 1.2 * len(by)), 4))
         labels = [" / ".join(k) for k in by] or ["run"]
         stats = [_stats([_error(r) for r in rs]) for rs in by.values()]
         ax.bar(range(len(stats)), [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], capsize=4,
@@ -217,7 +217,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         ax.legend()
         save(fig, study)
         return written
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots((6, 4))
     first, rest = axes[0], axes[1:]
     series = defaultdict(list)
     for combo, rs in by.items():

