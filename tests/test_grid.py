@@ -12,7 +12,7 @@ import pytest
 
 from launching import REPO, env, error_lines
 from trainer import grid
-from trainer.config import GridConfig, load
+from trainer.config import FinetuneConfig, GridConfig, load
 
 TINY_GRID = REPO / "configs" / "grid" / "tiny.yaml"
 STEPS = "overrides={train.max_steps: 12, train.eval_every: 4, train.log_every: 4}"
@@ -83,6 +83,18 @@ def test_a_rerun_skips_finished_points(ran):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished, skipped") == 4 and "running" not in again.stdout
     assert {p.name: (p.out / "metrics.jsonl").read_text() for p in points} == before
+
+
+def test_nested_overrides_and_axes_become_dotted_keys(tmp_path):
+    cfg = load(GridConfig, str(TINY_GRID), [f"output_dir={tmp_path}", "overrides.model.config.hidden_size=32",
+                                            "axes.optim.lr=[1.0e-3]"])
+    grid.normalise(cfg)
+    assert cfg.overrides["model.config.hidden_size"] == 32 and cfg.overrides["train.max_steps"] == 60
+    assert cfg.axes == {"optim.lr": [1.0e-3], "optim.layer_decay": [1.0, 0.8]}
+    p = grid.points(cfg)[0]
+    resolved = load(FinetuneConfig, str(REPO / "configs/finetune/tiny.yaml"),
+                    grid.command(cfg, p, "fresh")[grid.command(cfg, p, "fresh").index("--overwrite") + 1:])
+    assert resolved.model.config["hidden_size"] == 32 and resolved.model.config["num_hidden_layers"] == 4  # merged
 
 
 def test_shards_split_the_points(tmp_path):

@@ -59,6 +59,23 @@ def _slug(params: dict) -> str:
     return text
 
 
+def _flatten(tree: dict, prefix: str = "", stop=lambda v: not isinstance(v, dict)) -> dict:
+    """{"optim": {"lr": x}} (as `overrides.optim.lr=x` on the command line arrives) → {"optim.lr": x}."""
+    out = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        out.update({full: value} if stop(value) else _flatten(value, full + ".", stop))
+    return out
+
+
+def normalise(cfg: GridConfig) -> GridConfig:
+    """Dotted keys throughout: overrides down to their leaves (they merge into the base config key by key),
+    axes down to their value lists."""
+    cfg.overrides = _flatten(cfg.overrides)
+    cfg.axes = _flatten(cfg.axes, stop=lambda v: not isinstance(v, dict) or not v)
+    return cfg
+
+
 def validate(cfg: GridConfig) -> None:
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
@@ -134,6 +151,7 @@ def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = Fa
     """Run this shard's unfinished points, then collect every finished point and write the report.
     True when the whole grid has finished."""
     from .grid_report import write_report
+    normalise(cfg)
     validate(cfg)
     grid = points(cfg)
     check_points(cfg, grid)

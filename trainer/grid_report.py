@@ -225,7 +225,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     for other, pts in series.items():
         pts.sort(key=lambda p: p[0])
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
-                    label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, other)) or "ours")
+                    label=", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(rest, other)) or "ours")
     ref = PAPER_TABLES.get(study)
     if ref and cfg.paper_dataset and not rest:
         pv = [(_x(rs[0]["params"][first]), paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])))
@@ -249,3 +249,9 @@ def _x(value):
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def _short(value: str) -> str:
+    """A legend label: a path shortened to its last two parts."""
+    parts = str(value).rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else str(value)

