@@ -3,6 +3,8 @@
     imdb_long_train.jsonl / imdb_long_test.jsonl   400 + 400 IMDb reviews longer than 510 word pieces
                                                    (all-MiniLM-L6-v2's tokenizer; half positive), for the
                                                    truncation study (configs/grid/cpu_imdb_truncation.yaml)
+    imdb_train.jsonl / imdb_test.jsonl             400 + 400 IMDb reviews of any length (half positive), for
+                                                   the further-pre-training study (configs/grid/cpu_imdb_itpt.yaml)
 
     python bench/study_data.py [--n 400] [--seed 0]
 """
@@ -13,7 +15,7 @@ import argparse
 import numpy as np
 
 import _common as C
-from finetune_imdb import long_indexes, read_imdb, write_subset
+from finetune_imdb import long_indexes, read_imdb, stratified, write_subset
 
 
 def main():
@@ -33,6 +35,8 @@ def main():
         idx, seen = long_indexes(tok, texts, labels, args.n, rng)
         path = write_subset(out / f"imdb_long_{split}.jsonl", texts, labels, idx)
         print(f"{path}: {len(idx)} reviews longer than 510 pieces ({seen} tokenized to find them)")
+        path = write_subset(out / f"imdb_{split}.jsonl", texts, labels, stratified(labels, args.n, rng))
+        print(f"{path}: {args.n} reviews")
 
 
 if __name__ == "__main__":

@@ -578,3 +578,19 @@ def test_eval_only_of_a_checkpoint_leaves_the_run_alone(cache, data, tmp_path):
     assert {k: v for k, v in snapshot(out).items() if k != "eval_results.json"} == before, \
         "--eval-only --overwrite replaced the run"
     assert json.loads((out / "eval_results.json").read_text())["dev"] == results["dev"]
+
+
+@pytest.mark.parametrize("strategy", ["head", "tail"])
+def test_exported_tokenizer_truncates_like_training_in_hf_pipelines(tmp_path, data, strategy):
+    """A standard-head export's tokenizer (max_len, truncation side) cuts a long text to the very input the
+    trainer built for it, so HF's pipeline(..., truncation=True) sees what training saw."""
+    from transformers import AutoTokenizer
+    out = tmp_path / "run"
+    run(None, out, *data_overrides(data), *TINY, f"text.strategy={strategy}", "text.max_len=24",
+        cache=tmp_path / "cache", **FT)
+    tok = AutoTokenizer.from_pretrained(str(out / "hf_model"))
+    text = long_text(80)
+    pieces = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(pieces) > 24
+    [(expected, _)] = Encoder(tok, TextConfig(strategy=strategy, max_len=24)).encode_pieces((pieces,))
+    assert tok(text, truncation=True)["input_ids"] == expected

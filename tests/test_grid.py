@@ -123,3 +123,13 @@ def test_bad_grid_config_is_one_line_before_any_run(tmp_path, override, match):
     import re
     assert re.search(match, errors[0]), errors[0]
     assert not (tmp_path / "g" / "points").exists()
+
+
+def test_points_share_one_wandb_group_when_enabled(tmp_path):
+    cfg = load(GridConfig, str(TINY_GRID), [f"output_dir={tmp_path / 'my-grid'}", "wandb.mode=offline"])
+    grid.normalise(cfg)
+    cmds = [grid.command(cfg, p, "fresh") for p in grid.points(cfg)]
+    assert all("wandb.mode=offline" in c and "wandb.group=my-grid" in c for c in cmds)
+    assert len({next(a for a in c if a.startswith("wandb.name=")) for c in cmds}) == len(cmds)  # one run per point
+    off = load(GridConfig, str(TINY_GRID), [f"output_dir={tmp_path}"])
+    assert not any(a.startswith("wandb.") for a in grid.command(off, grid.points(off)[0], "fresh"))
