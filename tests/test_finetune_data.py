@@ -594,3 +594,21 @@ def test_exported_tokenizer_truncates_like_training_in_hf_pipelines(tmp_path, da
     assert len(pieces) > 24
     [(expected, _)] = Encoder(tok, TextConfig(strategy=strategy, max_len=24)).encode_pieces((pieces,))
     assert tok(text, truncation=True)["input_ids"] == expected
+
+
+def test_the_cache_key_ignores_call_time_truncation_and_padding(tiny_tokenizer, tmp_path):
+    """A model's exported tokenizer (no padding/truncation settings) and the checkpoint's own (all-MiniLM-L6-v2's
+    pads to 128) make the same pieces: the stages of a recipe must share one entry, not re-prepare."""
+    import copy
+    from trainer.corpus.prepare import tokenizer_digest
+    other = copy.deepcopy(tiny_tokenizer)
+    other.backend_tokenizer.enable_truncation(max_length=128)
+    other.backend_tokenizer.enable_padding(length=128)
+    assert tokenizer_digest(other) == tokenizer_digest(tiny_tokenizer)
+    path = write_jsonl(tmp_path / "t.jsonl", rows(10, 3))
+    first, second = Log(), Log()
+    prepare(path, tiny_tokenizer, tmp_path / "cache", log=first)
+    prepare(path, other, tmp_path / "cache", log=second)
+    assert first.prepared() and not second.prepared()
+    other.add_tokens(["zzzunseen"])  # a different vocabulary is a different key
+    assert tokenizer_digest(other) != tokenizer_digest(tiny_tokenizer)

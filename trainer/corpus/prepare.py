@@ -61,7 +61,13 @@ def default_cache_dir() -> Path:
 
 
 def tokenizer_digest(tokenizer) -> str:
-    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """What the tokenizer makes of text: its vocabulary, normaliser, pre-tokenizer, model and added tokens — not
+    the call-time truncation / padding settings a saved copy may carry (all-MiniLM-L6-v2's tokenizer.json pads to
+    128; our exports do not), which never reach the pieces we store."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_key(src: CorpusSource, tokenizer, seq_len: int) -> str:
