@@ -159,14 +159,14 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
         accelerator.print(f"{t.name if cfg.tasks else 'task'}: " +
                           " · ".join(f"{n} {len(e)}" for n, e in t.splits.items()) + f" · labels {t.vocab}")
     model = build_model(cfg, tokenizer, tasks)
-    packed = cfg.model.attn_implementation == "unpadded"
-    if packed:
+    unpad = cfg.model.attn_implementation == "unpadded"
+    if unpad:
         unpadded.check(model.encoder.config)
         model.encoder.set_attn_implementation(unpadded.register())
     for t in tasks:
         truncation.validate(t.text, len(t.data.text_fields), max_positions(model.encoder))
-        t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical", unpadded=packed,
-                             position_offset=unpadded.position_offset(model.encoder.config) if packed else 0)
+        t.collate = Collator(tokenizer.pad_token_id, t.text.strategy == "hierarchical", unpadded=unpad,
+                             position_offset=unpadded.position_offset(model.encoder.config) if unpad else 0)
     if cfg.model.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
