@@ -88,7 +88,7 @@ def predict_runs(model_dir: Path, tmp: Path) -> None:
     texts = ["the chef simmered the sauce", "the striker scored a late goal", "the bank raised rates"]
     src = tmp / "predict_in.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    assert predict_file(str(model_dir), str(src), str(tmp / "predict_out.jsonl")) == len(texts)
+    assert predict_file(str(model_dir), str(src), str(tmp / "predict_out.jsonl"))["predicted"] == len(texts)
     labels = json.loads((model_dir / "bert_recipe.json").read_text())["labels"]
     rows = [json.loads(ln) for ln in (tmp / "predict_out.jsonl").read_text().splitlines()]
     assert all(r["label"] in labels and abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)

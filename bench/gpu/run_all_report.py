@@ -52,7 +52,7 @@ def _check_one(model_dir: Path, device: str) -> str:
         raise AssertionError(f"Classifier.from_pretrained: parameter dtypes {sorted(map(str, dtypes))}")
     src, dst = model_dir.parent / "_check_in.jsonl", model_dir.parent / "_check_out.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    assert predict_file(str(model_dir), str(src), str(dst), overwrite=True) == len(TEXTS)
+    assert predict_file(str(model_dir), str(src), str(dst), overwrite=True)["predicted"] == len(TEXTS)
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows), rows
     done = f"Classifier fp32 + predict_file ({recipe['format']} format)"
