@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -138,7 +139,7 @@ def cmd_predict(args, tmp: Path, tok: str) -> None:
         cmd = [*prefix, "launch/predict.py", "--model", str(model / "hf_model"), "--input", str(docs),
                "--output", str(tmp / out), "--overwrite", "--batch_size", "64"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=C.REPO, check=True, capture_output=True, env=dict(__import__("os").environ,
+        subprocess.run(cmd, cwd=C.REPO, check=True, capture_output=True, env=dict(os.environ,
                        OMP_NUM_THREADS="1"))
         return time.perf_counter() - t0
 
@@ -174,7 +175,7 @@ def cmd_start(args, tmp: Path, tok: str) -> None:
                "stages.fit_after_multitask=true", "finetune.train.max_steps=2", "finetune.train.log_every=1"]
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             env=dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
         starts, firsts, tail = [], [], []
         for line in p.stdout:
             now = time.perf_counter() - t0

@@ -163,14 +163,10 @@ class Classifier(nn.Module):
             kwargs.update(position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers,
                            **kwargs)
-        if cu_seqlens is None:
-            def cls(h):
-                return h[:, 0]
-        else:
-            starts = cu_seqlens[:-1].long()
+        starts = None if cu_seqlens is None else cu_seqlens[:-1].long()
 
-            def cls(h):
-                return h[0, starts]
+        def cls(h):  # each sequence's [CLS]: first position of a row, or of each packed segment
+            return h[:, 0] if starts is None else h[0, starts]
         if self.use_pooler:
             return out.pooler_output if cu_seqlens is None else self.encoder.pooler(cls(out.last_hidden_state)[:, None])
         if not all_layers:

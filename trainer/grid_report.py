@@ -162,11 +162,10 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         lrs = sorted({float(r["params"]["optim.lr"]) for r in rows})
         xis = sorted({float(r["params"]["optim.layer_decay"]) for r in rows}, reverse=True)
         grid = np.full((len(lrs), len(xis)), np.nan)
-        for r in rows:
-            i, j = lrs.index(float(r["params"]["optim.lr"])), xis.index(float(r["params"]["optim.layer_decay"]))
-            same = [_error(x) for x in rows if x["params"]["optim.lr"] == r["params"]["optim.lr"]
-                    and x["params"]["optim.layer_decay"] == r["params"]["optim.layer_decay"]]
-            grid[i, j] = _stats(same)[0]
+        for rs in groups(rows, ["optim.lr", "optim.layer_decay"]).values():  # one cell per (lr, ξ): all its seeds
+            p = rs[0]["params"]
+            grid[lrs.index(float(p["optim.lr"])), xis.index(float(p["optim.layer_decay"]))] = \
+                _stats([_error(r) for r in rs])[0]
         fig, ax = subplots((1.3 * len(xis) + 2, 0.8 * len(lrs) + 1.8))
         im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
         ax.set_xticks(range(len(xis)), [f"{x:g}" for x in xis])

@@ -23,7 +23,7 @@ from .errors import UserError
 from .metrics import classification_metrics
 from .text.batching import Collator
 from .text.data import source_of
-from .text.store import _records, prepare_split
+from .text.store import prepare_split, read_records
 from .text.truncation import Encoder, encoded_stats
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -62,7 +62,7 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     source = source_of(input_path, data_cfg, "test")
     wanted = [c for c in [id_field, *keep] if c]
     if wanted and state.is_main_process:  # asked-for columns that the input lacks: say so before predicting
-        for _, record in _records(source, [*fields, *wanted], label_field, True, {}):
+        for _, record in read_records(source, [*fields, *wanted], label_field, True, {}):
             if isinstance(record, dict):
                 missing = [c for c in wanted if c not in record]
                 if missing:
@@ -160,7 +160,7 @@ def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.
 def _output_rows(source, fields, label_field, wanted, rows, keep_mask, table, pred, labels, probabilities,
                  problems):
     i = 0
-    for row, record in _records(source, [*fields, *wanted], label_field, True, {}):
+    for row, record in read_records(source, [*fields, *wanted], label_field, True, {}):
         if i >= len(rows) or rows[i] != row:  # (blank jsonl lines are no rows of the store either)
             continue
         if keep_mask[i]:

@@ -59,9 +59,12 @@ def file_format(path: str, declared: str) -> str:
     return fmt
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _open_text(path: str, errors: str = "strict") -> io.TextIOBase:
+    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors=errors, newline="")
 
 
 def iter_documents(src: CorpusSource) -> Iterator[str]:
@@ -128,7 +131,7 @@ def iter_records(path: str, fmt: str, fields: Optional[list] = None, tolerant: b
 
 
 def _records_jsonl(path: str, tolerant: bool):
-    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for row, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -171,9 +174,7 @@ def _utf8_problem(record: dict) -> Optional[str]:
 
 def _records_delimited(path: str, fields, delimiter: str, tolerant: bool = False):
     csv.field_size_limit(1 << 30)
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    errors = "surrogateescape" if tolerant else "strict"
-    with io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="") as f:
+    with _open_text(path, errors="surrogateescape" if tolerant else "strict") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames is None:
             return

@@ -154,8 +154,9 @@ def load(path: Path) -> SplitStore:
     return SplitStore(path, meta)
 
 
-def _records(source: Source, fields: list, label_field: Optional[str], tolerant: bool, meta: dict
-             ) -> Iterator[tuple[int, dict]]:
+def read_records(source: Source, fields: list, label_field: Optional[str], tolerant: bool, meta: dict
+                 ) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a source, in order; `meta` receives the ClassLabel names where the source has them."""
     optional = (label_field,) if tolerant else ()  # a file to predict may have no labels
     if source.kind == "builtin":
         for row, (text, label) in enumerate(labelled_examples(source.spec[len(BUILTIN_PREFIX):], source.split), 1):
@@ -204,9 +205,7 @@ def _label_value(value):
     """A label as stored: int for integers (also 3.0 and numpy ints), str otherwise; None if absent."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
         return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -260,7 +259,7 @@ def _build(source: Source, text_fields: list, label_field: Optional[str], tokeni
     def batches():
         nonlocal n, n_bad
         texts, labels, rows = [], [], []
-        for row, record in _records(source, fields, label_field, tolerant, meta):
+        for row, record in read_records(source, fields, label_field, tolerant, meta):
             problem = record if isinstance(record, BadRow) else None
             if problem is None:
                 missing = [f for f in fields if f not in record and (f != label_field or not tolerant)]
