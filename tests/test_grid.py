@@ -114,6 +114,9 @@ def test_shards_split_the_points(tmp_path):
     ("base=configs/finetune/nope.yaml", "base config not found"),
     ("axes={optim.lr: 1.0e-3}", "axes.optim.lr must be a non-empty list"),
     ("stage=train", "stage must be one of"),
+    ("study=nope", "study must be auto or one of"),
+    ("labels={optim.lr: [a]}", "labels.optim.lr must list one name per value of axes.optim.lr"),
+    ("labels={seed: [a]}", "labels.seed: not an axis"),
 ])
 def test_bad_grid_config_is_one_line_before_any_run(tmp_path, override, match):
     proc = subprocess.run([sys.executable, "launch/grid.py", "--config", str(TINY_GRID), f"output_dir={tmp_path / 'g'}",
@@ -133,3 +136,36 @@ def test_points_share_one_wandb_group_when_enabled(tmp_path):
     assert len({next(a for a in c if a.startswith("wandb.name=")) for c in cmds}) == len(cmds)  # one run per point
     off = load(GridConfig, str(TINY_GRID), [f"output_dir={tmp_path}"])
     assert not any(a.startswith("wandb.") for a in grid.command(off, grid.points(off)[0], "fresh"))
+
+
+def test_recipe_grid_table_has_a_row_per_task_and_the_papers_numbers(tmp_path):
+    """A recipe grid over seeds only: Tables 5–7's shape (task × stage, mean ± sd) with the paper's BERT-base
+    number under each task it has, and grouped bars per task (stages.png)."""
+    from trainer.grid_report import write_report
+    cfg = load(GridConfig, str(TINY_GRID), ["stage=recipe", "axes={}", "seeds=[1, 2]"])
+    grid.normalise(cfg)
+    rows = [{"params": {"seed": s}, "table": {"imdb": {"FiT": e, "MFiT-FiT": e - 0.01}, "sst2": {"FiT": 0.2}}}
+            for s, e in ((1, 0.10), (2, 0.12))]
+    written = write_report(cfg, rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("# Tables 5–7")
+    assert "| task | FiT | MFiT-FiT |" in table
+    assert "| imdb | 11.00 ± 1.41 | 10.00 ± 1.41 |" in table and "| sst2 | 20.00 ± 0.00 | – |" in table
+    assert "| *imdb: paper, BERT-base* | *5.40* | *5.36* |" in table and "sst2: paper" not in table
+    assert is_png(tmp_path / "stages.png") and str(tmp_path / "stages.png") in written
+
+
+def test_labels_name_axis_values_in_tables_and_figures(tmp_path):
+    """Start models given as paths get display names; named (non-numeric) settings are drawn as bars."""
+    from trainer.grid_report import write_report
+    cfg = load(GridConfig, str(TINY_GRID), ["axes={model.name_or_path: [/a/long/path/m1, /b/m2]}",
+                                            "labels={model.name_or_path: [FiT, ITPT-FiT]}", "seeds=[1]"])
+    grid.normalise(cfg)
+    grid.validate(cfg)
+    rows = [{"params": {"model.name_or_path": m, "seed": 1}, "test_error": e, "dev_error": e}
+            for m, e in (("/a/long/path/m1", 0.3), ("/b/m2", 0.2))]
+    write_report(cfg, rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| FiT | 30.00 | 30.00 | 1 |" in table and "| ITPT-FiT | 20.00 | 20.00 | 1 |" in table
+    assert "/a/long/path" not in table and "Lowest test error: model.name_or_path=ITPT-FiT" in table
+    assert is_png(tmp_path / "generic.png")

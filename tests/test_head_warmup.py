@@ -46,7 +46,7 @@ def _initial_encoder(no_head: Path) -> dict:
 def _pretrain(setup, out, no_head, cache, *overrides):
     return run(setup, out, f"model.name_or_path={no_head}", "model.config=null", "model.tokenizer=null",
                "optim.scheduler=constant", "optim.warmup_ratio=0", "train.save_every=1", "train.keep_last=10",
-               "train.log_every=1", *overrides, cache=cache, timeout=300)
+               "train.log_every=1", "train.head_warmup_lr=3e-3", *overrides, cache=cache, timeout=300)
 
 
 def _step_dirs(out: Path) -> dict:
@@ -70,6 +70,12 @@ def _check_warmup(states: dict, initial: dict, warmup: int) -> None:
 
 
 def _check_logged_lrs(out: Path, warmup: int) -> None:
+    """Warm-up: the head at train.head_warmup_lr, the encoder at 0; then every group at optim.lr (constant
+    schedule here), the schedule starting with the encoder."""
+    import yaml
+    run_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    head_lr, lr = run_cfg["train"]["head_warmup_lr"], run_cfg["optim"]["lr"]
+    assert head_lr != lr
     groups = json.loads((out / "param_groups.json").read_text())
     head = [g.get("task") == "head" for g in groups]
     assert any(head) and not all(head)
@@ -78,19 +84,20 @@ def _check_logged_lrs(out: Path, warmup: int) -> None:
     assert "bert.embeddings.word_embeddings.weight" in [n for g, h in zip(groups, head) if not h for n in g["names"]]
     for line in metrics(out):  # the lr logged at step k is the one in effect for step k + 1
         frozen = line["step"] < warmup
-        for lr, is_head in zip(line["lr"], head):
-            assert (lr > 0) if is_head or not frozen else lr == 0.0, (line["step"], line["lr"])
+        for got, is_head in zip(line["lr"], head):
+            want = (head_lr if is_head else 0.0) if frozen else lr
+            assert got == pytest.approx(want, rel=1e-6), (line["step"], line["lr"])
 
 
 def test_auto_warmup_single_process(checkpoints, tmp_path):
-    """No MLM head in the checkpoint → auto warm-up of ceil(10 % × 30) = 3 steps, then the encoder trains."""
+    """No MLM head in the checkpoint → auto warm-up of min(100, half of 6) = 3 steps, then the encoder trains."""
     from safetensors.torch import load_file
     no_head, _, cache = checkpoints
     out = tmp_path / "pt"
-    proc = _pretrain(None, out, no_head, cache, "train.max_steps=30", "train.stop_at_step=4",
+    proc = _pretrain(None, out, no_head, cache, "train.max_steps=6", "train.stop_at_step=4",
                      "train.micro_batch_size=8")
-    assert "head warm-up: steps 1–3 train the pre-training head only (auto:" in proc.stdout
-    assert "head warm-up done after step 3: the encoder trains from step 4 on" in proc.stdout
+    assert "head warm-up: steps 1–3 train the pre-training head only at lr 0.003 (auto:" in proc.stdout
+    assert "head warm-up done after step 3: the encoder trains from step 4 on, optim's schedule" in proc.stdout
     steps = _step_dirs(out)
     assert sorted(steps) == [1, 2, 3, 4]
     states = {k: load_file(str(d / "model.safetensors")) for k, d in steps.items()}
@@ -106,7 +113,8 @@ def test_warmup_under_zero3_two_ranks(checkpoints, tmp_path):
     out = tmp_path / "z3"
     proc = _pretrain("cpu_zero3", out, no_head, cache, "train.max_steps=3", "train.head_warmup_steps=2",
                      "train.micro_batch_size=4")
-    assert "head warm-up: steps 1–2 train the pre-training head only (train.head_warmup_steps=2)" in proc.stdout
+    assert ("head warm-up: steps 1–2 train the pre-training head only at lr 0.003 (train.head_warmup_steps=2)"
+            in proc.stdout)
     assert proc.stdout.count("head warm-up done after step 2") == 1  # main process only
     states = {k: get_fp32_state_dict_from_zero_checkpoint(str(d), tag="pytorch_model")
               for k, d in _step_dirs(out).items()}
@@ -132,7 +140,8 @@ def test_auto_warmup_only_without_head_weights(checkpoints):
     head = head_parameter_names(model)
     assert head and all(n.startswith("cls.") for n in head)  # the tied decoder matrix is the encoder's
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
-    assert (head_warmup_steps(-1, missing, 30), head_warmup_steps(-1, missing, 10**6)) == (3, 1000)
+    # auto: 10 % of the run, at least 100 steps (at most half the run), at most 1000
+    assert [head_warmup_steps(-1, missing, n) for n in (6, 30, 500, 5000, 10**6)] == [3, 15, 100, 500, 1000]
     assert (head_warmup_steps(0, missing, 30), head_warmup_steps(5, [], 30)) == (0, 5)  # explicit wins
     random_init = build_model(ModelConfig(config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
                                                   "num_attention_heads": 2, "intermediate_size": 64}),

@@ -138,6 +138,19 @@ def test_group_schedule_gate_zeroes_groups():
     assert sched.set_step(2) == [1.0, 0.0, 0.0]
 
 
+def test_group_schedule_starts_late():
+    """start=4 (a head warm-up): steps 0–3 at the base lrs × gate, then the schedule runs over the remaining 16
+    steps from its own beginning — its warm-up ramp and its decay to 0 at step 20."""
+    cfg = OptimConfig(scheduler="linear", warmup_steps=2)
+    opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(2))], "lr": 1.0} for _ in range(2)])
+    sched = GroupSchedule(opt, cfg, 20, [1e-4, 1e-4], gate=lambda step: [10.0, 0.0] if step < 4 else [1.0, 1.0],
+                          start=4)
+    assert [sched.set_step(s) for s in range(4)] == [pytest.approx([1e-3, 0.0])] * 4
+    for step in range(4, 21):
+        assert sched.set_step(step) == pytest.approx([1e-4 * multiplier(cfg, step - 4, 16)] * 2, abs=1e-15)
+    assert sched.set_step(4) == [0.0, 0.0] and sched.set_step(6) == pytest.approx([1e-4] * 2)  # ramp restarts
+
+
 # ----------------------------------------------------------------------------- parameter groups
 @pytest.fixture(scope="module")
 def tiny_bert():

@@ -83,3 +83,14 @@ def test_recipe_interrupted_inside_a_stage_resumes_to_the_same_table(tmp_path, c
     assert not (cut / "mfit" / "stage.json").exists() and (cut / "mfit" / "checkpoints").is_dir()
     run("cpu_zero2", cut, *SMALL, cache=cache, timeout=900, **RECIPE)
     assert json.loads((cut / "results.json").read_text()) == table
+
+
+def test_results_table_puts_the_papers_numbers_under_its_tasks(tmp_path):
+    """results.md: the paper's BERT-base error under each task it reports (hub / folder spellings mapped), none
+    for tasks it lacks; results.png drawn."""
+    from trainer.stages.recipe import write_results
+    table = {"ag_news": {"FiT": 0.1, "ITPT-FiT": 0.09}, "sst2": {"FiT": 0.2, "ITPT-FiT": 0.19}}
+    write_results(tmp_path, table, ["FiT", "ITPT-FiT"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| ag_news | 10.00 | 9.00 |\n| *ag_news: paper, BERT-base* | *5.25* | *4.80* |" in md
+    assert "sst2: paper" not in md and (tmp_path / "results.png").stat().st_size > 0

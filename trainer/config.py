@@ -73,9 +73,14 @@ class TrainConfig:
     # per rank, <output_dir>/samples/rank<r>.txt: stream positions (pre-training), step task examples (fine-tuning)
     trace_samples: bool = False
     # pre-training only: the first N steps train the MLM head alone (encoder lr 0), then everything trains.
-    # -1 auto: when the starting checkpoint lacks MLM-head weights, ceil(10 % of the run's steps), at most 1000;
-    # otherwise (head loaded, or random init from model.config) 0. 0: off. Fine-tuning ignores it.
+    # -1 auto: when the starting checkpoint lacks MLM-head weights, 10 % of the run's steps but at least 100
+    # (at most half the run) and at most 1000; otherwise (head loaded, or random init from model.config) 0.
+    # 0: off. Fine-tuning ignores it.
     head_warmup_steps: int = -1
+    # the head's lr during the warm-up (constant; optim.lr's schedule starts after it). The head alone is a
+    # shallow readout that fits fast at a larger lr than an encoder tolerates: all-MiniLM-L6-v2 on IMDb, head
+    # only, lr 1e-3: MLM loss 7.97 → 6.70 in 100 steps, flat from ~70 on.
+    head_warmup_lr: float = 1.0e-3
 
 
 @dataclass
@@ -263,8 +268,10 @@ class GridConfig:
     axes: dict = field(default_factory=dict)  # config key → list of values; the grid is their product
     seeds: list = field(default_factory=lambda: [42])
     launcher: str = ""  # "": `python launch/<stage>.py`; else an accelerate config: `accelerate launch --config_file …`
-    study: str = "auto"  # auto | truncation | layer | lr_decay | forgetting | few_shot | pretrain_steps | generic
+    study: str = "auto"  # auto | truncation | layer | lr_decay | forgetting | few_shot | pretrain_steps | stages | generic
     paper_dataset: Optional[str] = None  # the paper's column to print beside ours (imdb, sogou, trec, ag, …)
+    # axis key → display names for its values, in order (tables, figures): e.g. start models given as paths
+    labels: dict = field(default_factory=dict)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 # ----------------------------------------------------------------------------- building

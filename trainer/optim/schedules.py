@@ -52,16 +52,20 @@ class GroupSchedule:
     checkpoint replaces the group dicts), so its `param_groups` are looked up at every step, never cached. The
     base lrs come from the run's config (`base_lrs`, captured before a checkpoint is loaded), so a resumed run
     follows the config it was given. `gate(step)`, when given, is a per-group factor (multi-task: 0 for the heads
-    of tasks not drawn in that step). The returned lrs are read back from the optimizer."""
+    of tasks not drawn in that step). `start` > 0 delays the schedule: steps before it run at the base lrs (times
+    the gate), and from `start` on the schedule runs over the remaining `total_steps - start` steps as if the run
+    began there (a head warm-up is a phase of its own; the encoder then gets its full lr warm-up and decay). The
+    returned lrs are read back from the optimizer."""
 
-    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int, base_lrs, gate=None):
+    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int, base_lrs, gate=None, start: int = 0):
         self.optimizer, self.cfg, self.total, self.base_lrs, self.gate = optimizer, cfg, total_steps, base_lrs, gate
+        self.start = start
         if len(optimizer.param_groups) != len(base_lrs):
             raise RuntimeError(f"the engine's optimizer has {len(optimizer.param_groups)} parameter groups, "
                                f"the trainer built {len(base_lrs)}")
 
     def set_step(self, step: int) -> list[float]:
-        factor = multiplier(self.cfg, step, self.total)
+        factor = 1.0 if step < self.start else multiplier(self.cfg, step - self.start, self.total - self.start)
         gates = self.gate(step) if self.gate else [1.0] * len(self.base_lrs)
         for group, base, gate in zip(self.optimizer.param_groups, self.base_lrs, gates):
             group["lr"] = base * factor * gate
