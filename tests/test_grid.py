@@ -153,6 +153,7 @@ def test_recipe_grid_table_has_a_row_per_task_and_the_papers_numbers(tmp_path):
     assert "| imdb | 11.00 ± 1.41 | 10.00 ± 1.41 |" in table and "| sst2 | 20.00 ± 0.00 | – |" in table
     assert "| *imdb: paper, BERT-base* | *5.40* | *5.36* |" in table and "sst2: paper" not in table
     assert is_png(tmp_path / "stages.png") and str(tmp_path / "stages.png") in written
+    assert "test error (%)" in (tmp_path / "stages.svg").read_text()  # a recipe reports test errors
 
 
 def test_labels_name_axis_values_in_tables_and_figures(tmp_path):

@@ -167,12 +167,13 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         _save(fig, out / f"{name}.png", svg=True)
         written.append(str(out / f"{name}.png"))
 
-    ylabel = "test error (%)" if any("test_error" in r for r in rows) else "dev error (%)"
+    # a recipe's results.json holds test errors; fine-tuning points have test_error when a test split was given
+    ylabel = "test error (%)" if cfg.stage == "recipe" or any("test_error" in r for r in rows) else "dev error (%)"
     if cfg.stage == "recipe":
         cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
         if not axes:  # seeds only (Tables 5–7): bars per task, one per stage, the paper's number as a star
-            save(_stage_bars(subplots, rows, ylabel), "stages")
-            return written
+            _stage_bars(rows, out / "stages.png")
+            return written + [str(out / "stages.png")]
         fig, ax = subplots((7, 4))
         xs = [x_of(axes[0], rs[0]["params"]) for rs in by.values()]
         for c in cells:
@@ -253,7 +254,8 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         if all(isinstance(p[0], float) for p in pts):  # numbers in order; names in the grid's order
             pts.sort(key=lambda p: p[0])
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o", capsize=3,
-                    label=", ".join(f"{k.split('.')[-1]}={_short(show(k, v))}" for k, v in zip(rest, other)) or "ours")
+                    label=", ".join(show(k, v) if k in cfg.labels else f"{k.split('.')[-1]}={_short(v)}"
+                                    for k, v in zip(rest, other)) or "ours")
     ref = PAPER_TABLES.get(study)
     if ref and cfg.paper_dataset and not rest:
         pv = [(x_of(first, rs[0]["params"]), paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"])))
@@ -271,27 +273,15 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     return written
 
 
-def _stage_bars(subplots, rows: list, ylabel: str):
-    """Grouped bars: a group per task, a bar per recipe stage (mean ± sd over seeds), the paper's number ★."""
+def _stage_bars(rows: list, out: Path) -> None:
+    """Tables 5–7 as grouped bars (`plot.plot_results_table`): mean ± sd over the seeds per task and stage."""
+    from .plot import plot_results_table
     tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
     stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
-    fig, ax = subplots((max(6, 1.1 * len(tasks) * (len(stages) + 1) / 2), 4))
-    width = 0.8 / max(1, len(stages))
-    starred = False
-    for j, s in enumerate(stages):
-        xs = np.arange(len(tasks)) + (j - (len(stages) - 1) / 2) * width
-        st = [_stats([_error(r, (t, s)) for r in rows]) for t in tasks]
-        ax.bar(xs, [m for m, _, _ in st], width, yerr=[d for _, d, _ in st], capsize=3, label=s)
-        for x, t in zip(xs, tasks):
-            v = paper.stage_error(t, s)
-            if v is not None:
-                ax.plot(x, v, "k*", markersize=9, label=None if starred else "paper (BERT-base)")
-                starred = True
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel(ylabel)
-    ax.set_title(TITLES["stages"], fontsize=9)
-    ax.legend(fontsize=8)
-    return fig
+    stats = {t: {s: _stats([_error(r, (t, s)) for r in rows]) for s in stages} for t in tasks}
+    mean = {t: {s: m / 100 for s, (m, _, n) in row.items() if n} for t, row in stats.items()}
+    sd = {t: {s: d / 100 for s, (_, d, n) in row.items() if n} for t, row in stats.items()}
+    plot_results_table(mean, stages, out, TITLES["stages"], sd=sd, svg=True)
 
 
 def _x(value):

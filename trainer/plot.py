@@ -205,32 +205,47 @@ def _run_title(run_dir: Path, train: list[dict]) -> str:
 
 
 def _save(fig, out: Path, svg: bool = False) -> None:
-    """Written under a temporary name and renamed: a reader (or a kill) never sees half a PNG. svg: an SVG beside."""
+    """Written under a temporary name and renamed: a reader (or a kill) never sees half a PNG. svg: an SVG beside,
+    byte-identical for the same figure (no date, fixed id salt), so redrawn results do not churn in git."""
+    import matplotlib
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, fmt in [(out, "png")] + ([(out.with_suffix(".svg"), "svg")] if svg else []):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fig.savefig(tmp, dpi=DPI, format=fmt)
+            with matplotlib.rc_context({"svg.hashsalt": "bert-recipe"}):
+                fig.savefig(tmp, dpi=DPI, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def plot_results_table(table: dict, columns: list, out: Path, title: str) -> Path:
-    """The recipe's results as grouped bars: test error per task (groups) and stage (bars)."""
+def plot_results_table(table: dict, columns: list, out: Path, title: str, sd: Optional[dict] = None,
+                       svg: bool = False) -> Path:
+    """Recipe results as grouped bars: test error per task (groups) and stage (bars), error rates as fractions.
+    `sd` (same shape as `table`): error bars — a grid's mean ± sd over seeds — instead of value labels. The
+    paper's BERT-base number is a ★ wherever it has the task and stage (`paper.stage_error`)."""
+    from .paper import stage_error
     fig, (ax,) = _figure(1, (max(6.0, 1.6 * len(table) + 2), 4.2))
     width = 0.8 / max(1, len(columns))
+    starred = False
     for k, col in enumerate(columns):
         xs = [i + (k - (len(columns) - 1) / 2) * width for i in range(len(table))]
         ys = [100 * row.get(col, float("nan")) for row in table.values()]
-        bars = ax.bar(xs, ys, width, label=col)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        if sd is None:
+            ax.bar_label(ax.bar(xs, ys, width, label=col), fmt="%.1f", fontsize=7, padding=1)
+        else:
+            ax.bar(xs, ys, width, yerr=[100 * sd.get(t, {}).get(col, 0.0) for t in table], capsize=3, label=col)
+        for x, task in zip(xs, table):
+            ref = stage_error(task, col)
+            if ref is not None:
+                ax.plot(x, ref, "k*", markersize=8, label=None if starred else "paper (BERT-base)")
+                starred = True
     ax.set_xticks(range(len(table)), list(table))
     ax.set_ylabel("test error (%)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out)
+    _save(fig, out, svg=svg)
     return out
 
 
