@@ -19,7 +19,7 @@ def test_further_pretraining_export_keeps_the_pooler(tmp_path, tiny_tokenizer_di
 
     out = tmp_path / "run"
     run(None, out, f"model.name_or_path={tmp_path / 'start'}", "model.tokenizer=null", "model.config=null",
-        "train.max_steps=2", "train.log_every=1", cache=tmp_path / "cache")
+        "train.max_steps=4", "train.log_every=1", cache=tmp_path / "cache")  # 2 head warm-up steps, then 2
     exported = AutoModel.from_pretrained(out / "hf_model")
     for name, value in start.pooler.state_dict().items():
         assert torch.equal(exported.pooler.state_dict()[name], value), name
