@@ -31,6 +31,25 @@ def saving(out: Path, at_least: int) -> bool:
                                  for p in root.iterdir())
 
 
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every descendant: torch's elastic agent may start the ranks in
+    sessions of their own, and a rank still in rendezvous when its launcher dies would otherwise wait out the
+    30-minute store timeout as an orphan."""
+    import psutil
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in ranks:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+
+
 def kill_at(cmd: list[str], env: dict, cwd: Path, out: Path, kind: str, step: int, timeout: float = 300) -> dict:
     """Start `cmd`, SIGKILL its whole process group once `kind` ("step": step `step` logged; "save": a checkpoint
     of step >= `step` being written) happens. Returns what happened; `finished` if the job ended first."""
@@ -42,8 +61,7 @@ def kill_at(cmd: list[str], env: dict, cwd: Path, out: Path, kind: str, step: in
     try:
         while proc.poll() is None and time.time() < deadline:
             if hit():
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_job(proc)
                 return {"kind": kind, "step": step, "finished": False, "mid_save": saving(out, 0),
                         "logged": logged_step(out)}
             time.sleep(0.001 if kind == "save" else 0.02)
@@ -55,6 +73,5 @@ def kill_at(cmd: list[str], env: dict, cwd: Path, out: Path, kind: str, step: in
         return {"kind": kind, "step": step, "finished": True, "mid_save": False, "logged": logged_step(out)}
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_job(proc)
         errors.close()
