@@ -120,8 +120,7 @@ def _table(cfg, study, axes, by, rows) -> str:
              f"{len(rows)} finished run(s); error rate (%) as mean ± sd over seeds {cfg.seeds}"
              + (f"; paper: Sun et al. 2019, {cfg.paper_dataset}" if cfg.paper_dataset else "") + ".", ""]
     if cfg.stage == "recipe":  # Tables 5–7: a row per task (per axis combination), a column per stage
-        tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
-        stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
+        tasks, stages = _tasks_stages(rows)
         head = [*axes, "task", *stages]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for combo, rs in by.items():
@@ -129,10 +128,9 @@ def _table(cfg, study, axes, by, rows) -> str:
                 lines.append("| " + " | ".join([*map(show, axes, combo), t,
                                                 *[_cell([_error(r, (t, s)) for r in rs]) for s in stages]]) + " |")
         for t in tasks:
-            ref = [paper.stage_error(t, s) for s in stages]
-            if any(v is not None for v in ref):
-                lines.append("| " + " | ".join([""] * len(axes) + [f"*{t}: paper, BERT-base*"]
-                                               + [f"*{v:.2f}*" if v is not None else "–" for v in ref]) + " |")
+            ref = paper.stage_cells(t, stages)
+            if ref:
+                lines.append("| " + " | ".join([""] * len(axes) + ref) + " |")
         return "\n".join(lines) + "\n"
     ref = PAPER_TABLES.get(study)
     head = [*axes, "dev error", f"{split} error", "seeds"] + (["paper"] if ref and cfg.paper_dataset else [])
@@ -273,11 +271,17 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
     return written
 
 
+def _tasks_stages(rows: list) -> tuple[list, list]:
+    """A recipe grid's tasks and stage labels, in the order the points' results list them."""
+    tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
+    stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
+    return tasks, stages
+
+
 def _stage_bars(rows: list, out: Path) -> None:
     """Tables 5–7 as grouped bars (`plot.plot_results_table`): mean ± sd over the seeds per task and stage."""
     from .plot import plot_results_table
-    tasks = list(dict.fromkeys(t for r in rows for t in r.get("table", {})))
-    stages = list(dict.fromkeys(s for r in rows for st in r.get("table", {}).values() for s in st))
+    tasks, stages = _tasks_stages(rows)
     stats = {t: {s: _stats([_error(r, (t, s)) for r in rows]) for s in stages} for t in tasks}
     mean = {t: {s: m / 100 for s, (m, _, n) in row.items() if n} for t, row in stats.items()}
     sd = {t: {s: d / 100 for s, (_, d, n) in row.items() if n} for t, row in stats.items()}

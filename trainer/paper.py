@@ -43,6 +43,15 @@ def stage_error(task: str, label: str) -> Optional[float]:
     return STAGES.get(label, {}).get(ALIASES.get(name, name))
 
 
+def stage_cells(task: str, labels: list) -> Optional[list]:
+    """A markdown table row's cells for the paper's errors on `task` under each stage label ("–" where it has
+    none), led by the row's name; None when the paper has no number for the task at all."""
+    ref = [stage_error(task, label) for label in labels]
+    if all(v is None for v in ref):
+        return None
+    return [f"*{task}: paper, BERT-base*"] + [f"*{v:.2f}*" if v is not None else "–" for v in ref]
+
+
 # Fig. 4 (IMDb, 0.4 % of the training data)
 FEW_SHOT = {"imdb": {("FiT", 0.004): 17.26, ("ITPT-FiT", 0.004): 9.23}}
 

@@ -165,14 +165,13 @@ def write_results(out: Path, table: dict, labels: list, random_init: bool = Fals
     (out / "results.json").write_text(json.dumps(table, indent=1))
     lines = ["Test error rate (%) per task and stage", "",
              "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    from ..paper import stage_error
+    from ..paper import stage_cells
     for task, row in table.items():
         cells = [f"{100 * row[c]:.2f}" if c in row else "–" for c in columns]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        ref = [stage_error(task, c) for c in columns]
-        if any(v is not None for v in ref):
-            lines.append(f"| *{task}: paper, BERT-base* | " + " | ".join(f"*{v:.2f}*" if v is not None else "–"
-                                                                   for v in ref) + " |")
+        ref = stage_cells(task, columns)
+        if ref:
+            lines.append("| " + " | ".join(ref) + " |")
     if columns and columns[0] in ("FiT", "Feat-FiT"):
         lines += ["", "FiT starts from the configured model as it is"
                   + (" (here a randomly initialised encoder: the baseline without any pre-training)"
