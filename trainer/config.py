@@ -148,6 +148,13 @@ class WandbConfig:
 
 
 @dataclass
+class LogConfig:
+    """The job log (trainer/logs.py): time, level and rank on every line."""
+    level: str = "info"  # debug | info | warning | error (or --log-level)
+    all_ranks: bool = False  # every rank writes (default: the main process; others only warnings and errors)
+
+
+@dataclass
 class DistributedConfig:
     deepspeed_config: Optional[str] = None  # DS JSON; default: the one named by the accelerate config
 
@@ -160,6 +167,7 @@ class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -189,6 +197,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=-1, epochs=3.0, micro_batch_size=24,
                                                                    save_every=0, keep_last=1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tasks: list = field(default_factory=list)  # list[TaskConfig]: several → multi-task (then data/text unused)
@@ -233,6 +242,7 @@ class RecipeConfig:
     stages: RecipeStages = field(default_factory=RecipeStages)
     pretrain: RecipePretrain = field(default_factory=RecipePretrain)
     finetune: RecipeFinetune = field(default_factory=RecipeFinetune)
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -247,6 +257,7 @@ CHOICES = {
     "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear",
                         "polynomial"),
     "wandb.mode": ("online", "offline", "disabled"),
+    "log.level": ("debug", "info", "warning", "error"),
     "data.corpora.format": ("auto", "txt", "jsonl", "csv", "tsv", "parquet", "hub"),
     "data.corpora.doc_separator": ("line", "blank"),
     "data.format": ("auto", "jsonl", "csv", "tsv", "parquet", "hub"),
@@ -272,6 +283,7 @@ class GridConfig:
     paper_dataset: Optional[str] = None  # the paper's column to print beside ours (imdb, sogou, trec, ag, …)
     # axis key → display names for its values, in order (tables, figures): e.g. start models given as paths
     labels: dict = field(default_factory=dict)
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 # ----------------------------------------------------------------------------- building
@@ -296,8 +308,14 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def build(cls, data: Any, prefix: str = ""):
-    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types by full key name."""
+def build(cls, data: Any, prefix: str = "", defaults: Any = None):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types by full key name.
+
+    Keys the dict leaves out keep the value in `defaults` (an instance of `cls`; default `cls()`), and a section
+    given in the dict starts from the parent's default for that section — not from its class's: a fine-tuning
+    config's `train:` section without `max_steps` keeps fine-tuning's max_steps=-1 (run `epochs`), not the
+    1000 steps of `TrainConfig()`, which are pre-training's."""
+    base = defaults if defaults is not None else cls()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -313,7 +331,7 @@ def build(cls, data: Any, prefix: str = ""):
             continue
         key, tp, value = prefix + f.name, hints[f.name], data[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = build(tp, value, key + ".")
+            kwargs[f.name] = build(tp, value, key + ".", getattr(base, f.name))
             continue
         if isinstance(tp, type) and tp is float and isinstance(value, str):
             try:  # YAML reads `5e-5` (no dot) as a string
@@ -326,7 +344,7 @@ def build(cls, data: Any, prefix: str = ""):
         if item_cls is not None:
             value = [build(item_cls, v, f"{key}[{i}].") for i, v in enumerate(value)]
         kwargs[f.name] = value
-    obj = cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs)
     _check_choices(obj, prefix)
     return obj
 
