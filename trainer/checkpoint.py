@@ -3,16 +3,18 @@
 A checkpoint is written into `checkpoints/.tmp-step_N`, then `manifest.json` (every file, its size and SHA-256;
 the ranks hash the files between them) is written last and the directory is renamed to `checkpoints/step_N`.
 A directory without a manifest, or whose files differ from it in size (torn write) or content (corruption), is
-never resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes).
+never resumed from. The output dir must be on a filesystem all ranks share (as DeepSpeed assumes). Loading one
+back, on the same or another number of ranks, is trainer/reshard.py's (`reshard.load`), which builds on this module.
 
 What ranks must agree on is read from disk by the main process only and broadcast (`decided_by_main`), never
 read by each rank on its own from a shared filesystem (NFS) whose caches may disagree between nodes: the file list
-the ranks split for hashing, whether `best` is complete, the checkpoint's trainer state and kind on load; pruning
+the ranks split for hashing, whether `best` is complete (and, in reshard.py, the trainer state read on load); pruning
 and the resume source (`stages/common.claim_output_dir`) are the main process's alone."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,8 @@ from .errors import UserError
 
 PREFIX = "step_"
 BEST = "best"  # the best-on-dev checkpoint (fine-tuning); never pruned, never resumed from
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,11 +112,14 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest_complete(output_dir: Path, log=print, verify: bool = False) -> Optional[Path]:
+def latest_complete(output_dir: Path, verify: bool = False, quiet: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint; each newer torn or corrupted one is a warning in the job log, unless
+    `quiet` (a look-ahead whose caller does not act on the skipped ones, or warns about them itself later)."""
     for path in reversed(list_checkpoints(output_dir)):
         if is_complete(path, verify):
             return path
-        log(f"warning: checkpoint {path} is incomplete or corrupted; falling back to an earlier one")
+        if not quiet:
+            log.warning(f"checkpoint {path} is incomplete or corrupted; falling back to an earlier one")
     return None
 
 
@@ -172,30 +179,3 @@ def _prune(output_dir: Path, keep_last: int) -> None:  # main process only
     complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _kind(zero_stage: Optional[int]) -> str:
-    return "without DeepSpeed" if zero_stage is None else f"with DeepSpeed ZeRO-{zero_stage}"
-
-
-def load(accelerator, model, optimizer, path: Path, zero_stage: Optional[int]) -> TrainerState:
-    """Collective. Restore model/optimizer/RNG from `path`; a checkpoint of another world size is re-partitioned.
-    `zero_stage`: this run's DeepSpeed ZeRO stage, None without DeepSpeed."""
-    from . import reshard
-
-    def inspect() -> tuple[TrainerState, bool]:  # main process: every rank gets the same state and the same path
-        try:
-            state = read_state(path)
-        except (OSError, ValueError, TypeError) as exc:
-            raise UserError(f"cannot read {path / 'trainer_state.json'}: {exc}".splitlines()[0]) from None
-        if (path / "pytorch_model").is_dir() != (zero_stage is not None) or state.zero_stage != zero_stage:
-            raise UserError(f"checkpoint {path} was written {_kind(state.zero_stage)}; this run is "
-                            f"{_kind(zero_stage)} — resume with the same kind of accelerate config")
-        return state, state.world_size != accelerator.num_processes and reshard.needs_conversion(path)
-
-    state, convert = decided_by_main(accelerator, inspect)
-    if convert:
-        reshard.load_universal(accelerator, model, optimizer, path)
-    else:  # same world size, or whole (DDP / single-process) state, which any world size can load
-        accelerator.load_state(str(path))
-    return state

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from .errors import UserError
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,23 +98,19 @@ def uses_deepspeed(deepspeed_config: Optional[str]) -> bool:
     return bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def rank0_print(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(msg, flush=True)
-
-
 def _launcher_value(name: str) -> Optional[str]:
     """An `accelerate launch` setting (its config file or flags) as the launcher passed it to the ranks."""
     value = os.environ.get(name, "").strip().lower()
     return value if value not in ("", "auto", "none") else None
 
 
-def _adopt(key: str, ours, theirs, launcher_name: str, default, log):
+def _adopt(key: str, ours, theirs, launcher_name: str, default, quiet: bool):
     """`ours` None/"auto": take the launcher's value (logged) or the default; both set and different: refuse."""
     if theirs is None:
         return default if ours in (None, "auto") else ours
     if ours in (None, "auto"):
-        log(f"{key}={theirs} (from accelerate's {launcher_name})")
+        if not quiet:
+            log.info(f"{key}={theirs} (from accelerate's {launcher_name})")
         return theirs
     if ours != theirs:
         raise UserError(f"accelerate's {launcher_name}={theirs} contradicts {key}={ours}; make them agree or "
@@ -119,23 +118,24 @@ def _adopt(key: str, ours, theirs, launcher_name: str, default, log):
     return ours
 
 
-def resolve_launch_settings(cfg, log=rank0_print):
+def resolve_launch_settings(cfg, quiet: bool = False):
     """The run config with `auto` precision / unset accumulation and clipping taken from `accelerate launch`
     (`accelerate config` answers, or --mixed_precision / --gradient_accumulation_steps / --gradient_clipping),
     and a contradiction between the two refused in one line — never silently dropped. accelerate sets
-    ACCELERATE_MIXED_PRECISION=no when nothing was asked for, so "no" counts as unset."""
+    ACCELERATE_MIXED_PRECISION=no when nothing was asked for, so "no" counts as unset. Each value taken from the
+    launcher is a line in the job log, unless `quiet` (the config recomputed for a check, not for a run)."""
     from dataclasses import replace
     mp = _launcher_value("ACCELERATE_MIXED_PRECISION")
     if mp not in (None, "no", "bf16", "fp16"):
         raise UserError(f"accelerate's mixed_precision={mp} is not supported; use bf16, fp16 or no")
     precision = _adopt("model.precision", cfg.model.precision, None if mp == "no" else mp, "mixed_precision",
-                       "fp32", log)
+                       "fp32", quiet)
     ga = _launcher_value("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     grad_accum = _adopt("train.grad_accum", cfg.train.grad_accum, int(ga) if ga else None,
-                        "gradient_accumulation_steps", 1, log)
+                        "gradient_accumulation_steps", 1, quiet)
     clip = _launcher_value("ACCELERATE_GRADIENT_CLIPPING")
     max_grad_norm = _adopt("train.max_grad_norm", cfg.train.max_grad_norm, float(clip) if clip else None,
-                           "gradient_clipping", 1.0, log)
+                           "gradient_clipping", 1.0, quiet)
     return replace(cfg, model=replace(cfg.model, precision=precision),
                    train=replace(cfg.train, grad_accum=grad_accum, max_grad_norm=max_grad_norm))
 
@@ -196,7 +196,7 @@ def make_accelerator(*, precision: str, micro_batch: int, grad_accum: int, max_g
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
         if _launcher_value("ACCELERATE_DEEPSPEED_ZERO3_INIT") == "true":
-            rank0_print("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
+            log.info("zero3_init_flag ignored: models are built whole on every rank and partitioned in prepare()")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     accelerator = Accelerator(mixed_precision=_PRECISION[precision], deepspeed_plugin=plugin, cpu=cpu and not use_ds,
                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),

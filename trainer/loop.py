@@ -5,6 +5,7 @@ training (dropout) is reseeded from (seed, step, rank) at every optimizer step, 
 functions of the global sample position, so a resumed run repeats an uninterrupted one exactly."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, reshard
 from .checkpoint import TrainerState
 from .config import OptimConfig, TrainConfig, WandbConfig
 from .distributed import Topology
@@ -21,6 +22,8 @@ from .errors import UserError
 from .optim.schedules import GroupSchedule
 from .preemption import StopRequest
 from .tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,19 @@ class LoopConfig:
     run_config: dict
 
 
+def run_length(train: TrainConfig, samples_per_epoch: int, samples_per_step: int) -> str:
+    """One line saying which setting ends the run: `train.max_steps` when > 0 (then `train.epochs` does not
+    apply), else `train.epochs` (max_steps=-1)."""
+    steps = total_steps(train, samples_per_epoch, samples_per_step)
+    epochs = steps * samples_per_step / max(1, samples_per_epoch)
+    if train.max_steps > 0:
+        return (f"the run ends after train.max_steps={steps} optimizer steps (≈ {epochs:.2f} epochs of "
+                f"{samples_per_epoch} examples); train.epochs={train.epochs:g} does not apply "
+                f"(train.max_steps=-1 runs the epochs)")
+    return (f"the run ends after train.epochs={train.epochs:g} = {steps} optimizer steps of {samples_per_step} "
+            f"examples (train.max_steps=-1)")
+
+
 def total_steps(train: TrainConfig, samples_per_epoch: int, samples_per_step: int) -> int:
     if train.max_steps > 0:
         return train.max_steps
@@ -78,9 +94,9 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     state = TrainerState()
     zero = topo.zero_stage if topo.deepspeed else None
     if resume_from is not None:
-        state = checkpoint.load(accelerator, model, job.optimizer, resume_from, zero)
+        state = reshard.load(accelerator, model, job.optimizer, resume_from, zero)
         moved = f", written by {state.world_size} ranks" if state.world_size != topo.world_size else ""
-        accelerator.print(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
+        log.info(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
     # accelerate's restored micro-step counter was counted with the checkpoint's grad_accum; after a move to
     # another world size that differs, so it is set from the optimizer step (where accumulation windows start)
     accelerator.step = state.step * train.grad_accum
@@ -90,8 +106,12 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     # the optimizer the engine really steps (DeepSpeed's may not be the one built here): lrs are set on its groups
     schedule = GroupSchedule(optimizer.optimizer, cfg.optim, steps, base_lrs, job.lr_gate, job.schedule_start)
     lrs = schedule.set_step(state.step)
+    log.info(run_length(train, job.samples_per_epoch, samples_per_step))
     facts = engine_facts(model, optimizer, topo)
-    accelerator.print("engine: " + " · ".join(f"{k} {v}" for k, v in facts.items()))
+    # DeepSpeed reports its precision; for single / DDP it is read from the first training forward
+    watch = None if topo.deepspeed else ComputeDtype(model)
+    if watch is None:
+        log.info("engine: " + " · ".join(f"{k} {v}" for k, v in facts.items()))
     fp16 = facts["precision"] == "fp16"
 
     tracker = Tracker(cfg.output_dir, accelerator.is_main_process, cfg.wandb, cfg.run_config, steps, state.step,
@@ -125,6 +145,9 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float()
                 tokens_sum += job.tokens(batch)
+            if watch is not None:
+                facts["precision"], watch = watch.seen(), None
+                log.info("engine: " + " · ".join(f"{k} {v}" for k, v in facts.items()))
             if fp16 and optimizer.step_was_skipped:  # the loss scaler skipped an overflowing step (weights did
                 skipped += 1                         # not move): not an error, and not part of the logged loss
             else:
@@ -158,18 +181,18 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 guard()
                 ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
                 why = f"signal {stop.signal_name or 'on another rank'}" if preempted else "train.stop_at_step"
-                accelerator.print(f"stopped at step {state.step} ({why}); checkpoint: {ckpt}")
+                log.info(f"stopped at step {state.step} ({why}); checkpoint: {ckpt}")
                 return False
             if train.save_every > 0 and state.step % train.save_every == 0 and state.step < steps:
                 guard()
                 checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
         guard()
         ckpt = checkpoint.save(accelerator, cfg.output_dir, state, train.keep_last)
-        accelerator.print(f"checkpoint: {ckpt}")
+        log.info(f"checkpoint: {ckpt}")
         best = checkpoint.checkpoint_root(cfg.output_dir) / checkpoint.BEST
         if job.evaluate is not None and checkpoint.is_complete_on_main(accelerator, best):
-            checkpoint.load(accelerator, model, job.optimizer, best, zero)
-            accelerator.print(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
+            reshard.load(accelerator, model, job.optimizer, best, zero)
+            log.info(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model)
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
         tracker.curves()  # <output_dir>/curves.png (main process; a failure to draw is one log line)
@@ -181,7 +204,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
 
 def engine_facts(model, optimizer, topo: Topology) -> dict:
     """What really runs, read from the prepared objects (not from the config): engine, ZeRO stage, offload,
-    compute precision and the optimizer class that steps — logged so a run proves its setup."""
+    compute precision and the optimizer class that steps — logged so a run proves its setup. Single / DDP
+    precision here is the config's until the first forward replaces it (`ComputeDtype`)."""
     inner = optimizer.optimizer
     if topo.deepspeed:
         offload = ",".join(f"{what}={cfg.device}" for what, cfg in (("optimizer", model.zero_offload_optimizer()),
@@ -195,6 +219,29 @@ def engine_facts(model, optimizer, topo: Topology) -> dict:
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return {"engine": "ddp" if ddp else "single", "zero_stage": 0, "offload": "none",
             "precision": topo.precision, "optimizer": type(inner).__name__}
+
+
+class ComputeDtype:
+    """The precision a training step really computes in, where the engine does not report it (single process,
+    DDP): accelerate applies mixed precision as autocast around the model's forward, so the dtype of the first
+    Linear layer's output in the first forward is what ran — bf16 under autocast, fp32 without it."""
+
+    NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+    def __init__(self, model: torch.nn.Module):
+        self.dtype = None
+        linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+        self.handle = linear.register_forward_hook(self._hook) if linear is not None else None
+
+    def _hook(self, module, args, output) -> None:
+        self.dtype = output.dtype
+        self.handle.remove()
+
+    def seen(self) -> str:
+        """"bf16" / "fp16" / "fp32" as seen in the forward; "unknown" when no Linear layer ran."""
+        if self.handle is not None:
+            self.handle.remove()
+        return self.NAMES.get(self.dtype, str(self.dtype) if self.dtype is not None else "unknown")
 
 
 def _refuse_non_finite(loss_value: float, step: int, output_dir: Path) -> None:

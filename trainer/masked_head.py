@@ -4,7 +4,7 @@ HF's `…ForMaskedLM.forward` projects every position of the batch onto the voca
 largest matmul of a BERT step) although only ~15 % of the positions carry a label. This replaces the model's
 `forward` (on the instance, so DeepSpeed / DDP wrappers, ZeRO-3 hooks and `save_pretrained` are untouched) by:
 encoder -> hidden states of the labelled positions -> the model's own MLM head -> cross-entropy. Same loss up to
-float round-off; `bench/mlm_head_gather.py` measures the saving (4.4x per step on CPU with a 30k vocabulary).
+float round-off; `bench/mlm_head_gather.py` measures the saving (its recorded result is in bench/RESULTS.md).
 Models whose MLM head is not one module taking hidden states keep HF's forward."""
 from __future__ import annotations
 

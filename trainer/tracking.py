@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import logs
 from .config import WandbConfig
 from .plot import CURVES  # (stdlib only: matplotlib is imported when a figure is drawn)
 
@@ -36,6 +38,7 @@ class Tracker:
         self.path = output_dir / "metrics.jsonl"
         self.wandb_run = None
         self.bar = None
+        self._unhook_log = None
         self.flops_per_token = flops_per_token
         self.peak = peak_flops()
         self.world_size = world_size
@@ -54,6 +57,7 @@ class Tracker:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0)
+        self._unhook_log = _log_around(self.bar)
 
     def log(self, record: dict) -> None:
         """Write one metrics line (main process) and mirror it to wandb and the bar."""
@@ -88,12 +92,33 @@ class Tracker:
         A failure to draw is one log line, never a failed run (see trainer/plot.py)."""
         if self.is_main:
             from .plot import write_curves  # matplotlib is imported there, only when a run finishes
-            if self.bar is not None:
-                self.bar.close()  # the bar's last redraw must not land in the middle of the log line
-            write_curves(self.path.parent, log=lambda msg: print(msg, flush=True))
+            self._close_bar()  # the bar's last redraw must not land in the middle of the log line
+            write_curves(self.path.parent)
 
-    def close(self) -> None:
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._unhook_log()
+            self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _log_around(bar):
+    """While the progress bar (stderr) is drawn, each job-log line (stdout; one terminal) clears it first and
+    redraws it after — tqdm's `external_write_mode` — so a line never lands in the middle of the bar. Returns the
+    undo."""
+    handlers = [h for h in logging.getLogger(logs.ROOT).handlers if getattr(h, "_trainer", False)]
+    for handler in handlers:
+        def emit(record, _emit=handler.emit):
+            with type(bar).external_write_mode():
+                _emit(record)
+        handler.emit = emit
+
+    def undo() -> None:
+        for handler in handlers:
+            vars(handler).pop("emit", None)
+    return undo

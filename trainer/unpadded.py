@@ -1,4 +1,4 @@
-"""Unpadded (variable-length) attention for fine-tuning: `model.unpadded: true`.
+"""Unpadded (variable-length) attention for fine-tuning: `model.attn_implementation: unpadded`.
 
 Length grouping leaves some padding in every batch, and the encoder's matmuls run over it. Unpadded, a batch's
 sequences are packed back to back into one row of T = Σ lengths tokens (`Collator(unpadded=True)`: position ids
@@ -47,12 +47,14 @@ def register() -> str:
 def check(config) -> None:
     """Refuse a model the unpadded path cannot run exactly as the padded one."""
     if config.model_type not in SUPPORTED:
-        raise UserError(f"model.unpadded works for {', '.join(SUPPORTED)} encoders (transformers' attention "
-                        f"interface); {config.model_type} is not one — set model.unpadded=false")
+        raise UserError(f"model.attn_implementation=unpadded works for {', '.join(SUPPORTED)} encoders "
+                        f"(transformers' attention interface); {config.model_type} is not one — set "
+                        f"model.attn_implementation=auto")
     p = getattr(config, "attention_probs_dropout_prob", 0.0)
     if p:
-        raise UserError(f"model.unpadded: the varlen attention kernel has no attention dropout, and this model has "
-                        f"attention_probs_dropout_prob={p}; set model.config.attention_probs_dropout_prob=0")
+        raise UserError(f"model.attn_implementation=unpadded: the varlen attention kernel has no attention dropout, "
+                        f"and this model has attention_probs_dropout_prob={p}; set "
+                        f"model.config.attention_probs_dropout_prob=0")
 
 
 def position_offset(config) -> int:
