@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
+from log_lines import logged
 from trainer.config import CorpusSource
 from trainer.corpus import prepare as prepare_mod
-from trainer.corpus.builtin import grammar_documents
 from trainer.corpus.prepare import cache_key, prepare_corpus
 from trainer.corpus.sources import iter_documents
+from trainer.data.builtin import grammar_documents
 from trainer.errors import UserError
 
 DOCS = [
@@ -218,7 +219,7 @@ def test_empty_corpus_error(tmp_path, tiny_tokenizer, corpus_cache):
     p = tmp_path / "empty.txt"
     p.write_text("\n   \n\n")
     with pytest.raises(UserError, match="no documents"):
-        prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 32, corpus_cache, log=lambda *a: None)
+        prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 32, corpus_cache)
     assert list(corpus_cache.iterdir()) == []  # the temp dir is cleaned up
 
 
@@ -228,7 +229,7 @@ def test_packing_small(tmp_path, tiny_tokenizer, corpus_cache, seq_len):
     docs += ["a", "the striker"]  # very short docs too
     p = tmp_path / "a.txt"
     p.write_text("\n".join(docs))
-    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, seq_len, corpus_cache, log=lambda *a: None)
+    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, seq_len, corpus_cache)
     rows = _rows(prepared)
     cls, sep, pad = _special_ids(tiny_tokenizer)
     ids = _encode(tiny_tokenizer, docs)
@@ -249,7 +250,7 @@ def test_packing_boundary_on_row_end(tmp_path, tiny_tokenizer, corpus_cache):
     docs = [" ".join([word] * n) for n in lengths]
     p = tmp_path / "a.txt"
     p.write_text("\n".join(docs))
-    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tok, seq_len, corpus_cache, log=lambda *a: None))
+    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tok, seq_len, corpus_cache))
     _check_packing(rows, _encode(tok, docs), seq_len, *_special_ids(tok))
     # doc 0 fills row 0 exactly: row 1 must start with doc 1, not with a stray [SEP]
     assert rows[1][1] != tok.sep_token_id
@@ -258,7 +259,7 @@ def test_packing_boundary_on_row_end(tmp_path, tiny_tokenizer, corpus_cache):
 def test_last_row_padded(tmp_path, tiny_tokenizer, corpus_cache):
     p = tmp_path / "a.txt"
     p.write_text("the chef baked bread\n")
-    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 32, corpus_cache, log=lambda *a: None))
+    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 32, corpus_cache))
     ids = tiny_tokenizer("the chef baked bread", add_special_tokens=False)["input_ids"]
     cls, sep, pad = _special_ids(tiny_tokenizer)
     assert rows.tolist() == [[cls, *ids, sep] + [pad] * (32 - len(ids) - 2)]
@@ -267,7 +268,7 @@ def test_last_row_padded(tmp_path, tiny_tokenizer, corpus_cache):
 @pytest.fixture(scope="module")
 def builtin_prepared(tiny_tokenizer, tmp_path_factory):
     cache = tmp_path_factory.mktemp("builtin-cache")
-    return prepare_corpus(CorpusSource(path="builtin:grammar"), tiny_tokenizer, 64, cache, log=lambda *a: None)
+    return prepare_corpus(CorpusSource(path="builtin:grammar"), tiny_tokenizer, 64, cache)
 
 
 def test_builtin_corpus_packing_and_density(builtin_prepared, tiny_tokenizer):
@@ -283,8 +284,8 @@ def test_cache_reuse(tmp_path, tiny_tokenizer, corpus_cache, monkeypatch):
     p = tmp_path / "a.txt"
     p.write_text("\n".join(DOCS))
     src = CorpusSource(path=str(p))
-    logs = []
-    first = prepare_corpus(src, tiny_tokenizer, 16, corpus_cache, log=logs.append)
+    with logged() as logs:
+        first = prepare_corpus(src, tiny_tokenizer, 16, corpus_cache)
     assert len(logs) == 1 and first.path.parent == corpus_cache
     mtimes = {f: f.stat().st_mtime_ns for f in first.path.iterdir()}
 
@@ -292,13 +293,14 @@ def test_cache_reuse(tmp_path, tiny_tokenizer, corpus_cache, monkeypatch):
         raise AssertionError("rebuilt a cached corpus")
 
     monkeypatch.setattr(prepare_mod, "_build", no_build)
-    second = prepare_corpus(src, tiny_tokenizer, 16, corpus_cache, log=logs.append)
+    with logged() as logs:
+        second = prepare_corpus(src, tiny_tokenizer, 16, corpus_cache)
     assert second.path == first.path and second.meta == first.meta
     assert {f: f.stat().st_mtime_ns for f in second.path.iterdir()} == mtimes
-    assert len(logs) == 1
+    assert logs == []
     # a different seq_len is a different corpus
     monkeypatch.undo()
-    third = prepare_corpus(src, tiny_tokenizer, 32, corpus_cache, log=logs.append)
+    third = prepare_corpus(src, tiny_tokenizer, 32, corpus_cache)
     assert third.path != first.path and third.meta["seq_len"] == 32
     assert sorted(x.name for x in corpus_cache.iterdir()) == sorted([first.path.name, third.path.name])
 
@@ -307,7 +309,7 @@ def test_default_cache_dir_follows_env(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("BERT_RECIPE_CACHE", str(tmp_path / "envcache"))
     p = tmp_path / "a.txt"
     p.write_text("hello there\n")
-    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 16, log=lambda *a: None)
+    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 16)
     assert prepared.path.parent == tmp_path / "envcache"
 
 
@@ -331,8 +333,8 @@ def test_num_proc_identical_shards(tmp_path, tiny_tokenizer, monkeypatch):
     p = tmp_path / "a.txt"
     p.write_text("\n".join(list(grammar_documents(600, seed=5))))
     src = CorpusSource(path=str(p))
-    one = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "c1", num_proc=1, log=lambda *a: None)
-    two = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "c2", num_proc=2, log=lambda *a: None)
+    one = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "c1", num_proc=1)
+    two = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "c2", num_proc=2)
     assert len(one.shards()) > 1
     assert [n for n, _ in one.meta["shards"]] == [n for n, _ in two.meta["shards"]]
     assert sorted(os.listdir(one.path)) == sorted(os.listdir(two.path))  # no leftover tokenizer dir
@@ -346,7 +348,7 @@ def test_multiple_shards_hold_all_rows(tmp_path, tiny_tokenizer, corpus_cache, m
     docs = list(grammar_documents(60, seed=3))
     p = tmp_path / "a.txt"
     p.write_text("\n".join(docs))
-    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 16, corpus_cache, log=lambda *a: None)
+    prepared = prepare_corpus(CorpusSource(path=str(p)), tiny_tokenizer, 16, corpus_cache)
     assert all(r == 7 for _, r in prepared.meta["shards"][:-1]) and len(prepared.shards()) > 2
     assert prepared.rows == sum(r for _, r in prepared.meta["shards"])
     _check_packing(_rows(prepared), _encode(tiny_tokenizer, docs), 16, *_special_ids(tiny_tokenizer))
@@ -370,7 +372,7 @@ def test_real_corpus_imdb_subset(tmp_path, tiny_tokenizer, corpus_cache):
     src = CorpusSource(path=str(subset), text_field="text")
     docs = list(iter_documents(src))
     assert docs == [t for t in texts if t and not t.isspace()]
-    prepared = prepare_corpus(src, tiny_tokenizer, 128, corpus_cache, log=lambda *a: None)
+    prepared = prepare_corpus(src, tiny_tokenizer, 128, corpus_cache)
     rows = _rows(prepared)
     _check_packing(rows, _encode(tiny_tokenizer, docs), 128, *_special_ids(tiny_tokenizer))
     assert prepared.meta["documents"] == len(docs)
@@ -382,7 +384,7 @@ def test_literal_special_token_text_is_not_special(tmp_path, tiny_tokenizer, cor
     docs = ["the chef wrote [PAD] and [CLS] and [MASK] on the board", "the striker said [SEP] twice [SEP]"]
     p = tmp_path / "a.txt"
     p.write_text("\n".join(docs))
-    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tok, 64, corpus_cache, log=lambda *a: None))
+    rows = _rows(prepare_corpus(CorpusSource(path=str(p)), tok, 64, corpus_cache))
     assert len(rows) == 1
     real = rows[0][rows[0] != tok.pad_token_id]
     assert real.size == int(np.flatnonzero(rows[0] != tok.pad_token_id).max()) + 1  # no [PAD] inside

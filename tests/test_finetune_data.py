@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launching import REPO, env, error_lines, free_port, metrics, run
+from launching import REPO, env, error_lines, free_port, log_messages, metrics, run
+from log_lines import logged
 from tiny_data import LABELS, TINY, data_overrides, rows, tiny_splits, write_jsonl
 from trainer.config import ClassificationDataConfig, TextConfig
 from trainer.errors import UserError
-from trainer.text.data import load_task, source_of
+from trainer.text.sources import source_of
 from trainer.text.store import prepare_split
+from trainer.text.tasks import load_task
 from trainer.text.truncation import Encoder, encoded_stats
 
 FT = dict(script="finetune.py", config="configs/finetune/tiny.yaml")
@@ -32,15 +34,24 @@ FT = dict(script="finetune.py", config="configs/finetune/tiny.yaml")
 
 # ----------------------------------------------------------------------------- helpers
 class Log(list):
-    def __call__(self, *parts):
-        self.append(" ".join(map(str, parts)))
+    """The messages the trainer logged inside `with log:` blocks."""
+
+    def __enter__(self):
+        self._logged = logged()
+        self._lines = self._logged.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._logged.__exit__(*exc)
+        self.extend(self._lines)
 
     def prepared(self) -> list:
         return [line for line in self if line.startswith("prepared ")]
 
 
 def prepared_lines(stdout: str) -> list:
-    return [line for line in stdout.splitlines() if line.startswith("prepared ")]
+    """The "prepared …" messages of a run's job log."""
+    return [m for m in log_messages(stdout) if m.startswith("prepared ")]
 
 
 def entries(cache: Path) -> list:
@@ -54,8 +65,9 @@ def leftovers(cache: Path) -> list:
 
 def prepare(path: Path, tok, cache: Path, log=None, tolerant=False, **cfg):
     c = ClassificationDataConfig(**cfg)
-    return prepare_split(source_of(str(path), c, "train"), list(c.text_fields), c.label_field, tok, cache,
-                         tolerant=tolerant, log=log if log is not None else Log())
+    with log if log is not None else Log():
+        return prepare_split(source_of(str(path), c, "train"), list(c.text_fields), c.label_field, tok, cache,
+                             tolerant=tolerant)
 
 
 def snapshot(path: Path) -> dict:
@@ -132,11 +144,11 @@ def test_one_entry_per_split_serves_every_strategy_and_max_len(tiny_tokenizer, t
                                                       for i, t in enumerate(ts)]) for s, ts in texts.items()}
     cfg = ClassificationDataConfig(train=str(files["train"]), dev=str(files["train"]), test=str(files["test"]))
     cache = tmp_path / "cache"
-    log = Log()
-    splits, vocab = load_task(cfg, 0, tiny_tokenizer, cache, log)  # stage 1
+    with Log() as log:
+        splits, vocab = load_task(cfg, 0, tiny_tokenizer, cache)  # stage 1
     assert len(log.prepared()) == 2  # train (read once, also as dev) and test
-    log = Log()
-    splits, vocab = load_task(cfg, 1, tiny_tokenizer, cache, log)  # a later stage / run, another strategy
+    with Log() as log:
+        splits, vocab = load_task(cfg, 1, tiny_tokenizer, cache)  # a later stage / run, another strategy
     assert log.prepared() == [] and len(entries(cache)) == 2
     cls, sep, budget = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id, text_cfg.max_len - 2
     encoder = Encoder(tiny_tokenizer, text_cfg)
@@ -163,7 +175,7 @@ def test_examples_are_numpy_index_arrays_over_the_store(tiny_tokenizer, tmp_path
     data = rows(40, 1)
     path = write_jsonl(tmp_path / "train.jsonl", data)
     cfg = ClassificationDataConfig(train=str(path), dev=None, dev_ratio=0.25)
-    splits, vocab = load_task(cfg, 0, tiny_tokenizer, tmp_path / "cache", Log())
+    splits, vocab = load_task(cfg, 0, tiny_tokenizer, tmp_path / "cache")
     assert vocab == LABELS
     train, dev = splits["train"], splits["dev"]
     for ex in (train, dev):
@@ -280,7 +292,7 @@ def test_hub_layout_folder_trains_and_exports_class_names(hub, tmp_path, offline
 
 def test_single_parquet_file_written_by_datasets_keeps_class_names(hub, tiny_tokenizer, tmp_path):
     cfg = ClassificationDataConfig(train=str(hub["file"]), dev=str(hub["file"]))
-    splits, vocab = load_task(cfg, 0, tiny_tokenizer, tmp_path / "cache", Log())
+    splits, vocab = load_task(cfg, 0, tiny_tokenizer, tmp_path / "cache")
     assert vocab == ["neg", "pos"]
     assert splits["train"].labels.tolist() == hub["test_labels"]
     import pyarrow as pa
@@ -288,7 +300,7 @@ def test_single_parquet_file_written_by_datasets_keeps_class_names(hub, tiny_tok
     plain = tmp_path / "plain.parquet"  # the same ids without the ClassLabel metadata: the ids are the labels
     pq.write_table(pa.table({"text": ["ball", "soup", "chip"], "label": [0, 1, 0]}), str(plain))
     _, vocab = load_task(ClassificationDataConfig(train=str(plain), dev=str(plain)), 0, tiny_tokenizer,
-                         tmp_path / "cache", Log())
+                         tmp_path / "cache")
     assert vocab == [0, 1]
 
 
@@ -600,7 +612,7 @@ def test_the_cache_key_ignores_call_time_truncation_and_padding(tiny_tokenizer, 
     """A model's exported tokenizer (no padding/truncation settings) and the checkpoint's own (all-MiniLM-L6-v2's
     pads to 128) make the same pieces: the stages of a recipe must share one entry, not re-prepare."""
     import copy
-    from trainer.corpus.prepare import tokenizer_digest
+    from trainer.data.cache import tokenizer_digest
     other = copy.deepcopy(tiny_tokenizer)
     other.backend_tokenizer.enable_truncation(max_length=128)
     other.backend_tokenizer.enable_padding(length=128)

@@ -16,9 +16,11 @@ import pytest
 
 from trainer import checkpoint
 from trainer.config import CorpusSource
+from log_lines import logged
 from trainer.corpus import prepare as prepare_mod
-from trainer.corpus.builtin import grammar_documents
 from trainer.corpus.prepare import cache_key, prepare_corpus
+from trainer.data import cache as cache_mod
+from trainer.data.builtin import grammar_documents
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
@@ -45,7 +47,7 @@ def _slow_build(monkeypatch, seconds: float, counter=None):
 
 def _fast_lock(monkeypatch, stale: float = 60.0):
     for name, value in (("LOCK_POLL_S", 0.02), ("LOCK_HEARTBEAT_S", 0.05), ("LOCK_STALE_S", stale)):
-        monkeypatch.setattr(prepare_mod, name, value, raising=False)
+        monkeypatch.setattr(cache_mod, name, value)
 
 
 def _same_bytes(a, b) -> bool:
@@ -58,7 +60,9 @@ def _prepare_in_process(src, tokenizer, cache, barrier, log_path):
     lines = []
     try:
         barrier.wait(30)
-        prepared = prepare_corpus(src, tokenizer, 32, cache, log=lines.append)
+        with logged() as logs:
+            prepared = prepare_corpus(src, tokenizer, 32, cache)
+        lines += logs
         lines.append(f"RESULT {prepared.path}")
     except BaseException:
         lines.append("ERROR " + traceback.format_exc())
@@ -93,8 +97,8 @@ def test_concurrent_processes_prepare_once(tmp_path, tiny_tokenizer, monkeypatch
     assert results == {f"RESULT {cache / key}"}
     assert sorted(os.listdir(cache)) == [key]  # no lock, no temp dir left
     monkeypatch.undo()
-    alone = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "alone", log=lambda *a: None)
-    assert _same_bytes(prepare_corpus(src, tiny_tokenizer, 32, cache, log=lambda *a: None), alone)
+    alone = prepare_corpus(src, tiny_tokenizer, 32, tmp_path / "alone")
+    assert _same_bytes(prepare_corpus(src, tiny_tokenizer, 32, cache), alone)
 
 
 def test_same_pid_preparers_do_not_collide(tmp_path, tiny_tokenizer, monkeypatch):
@@ -111,7 +115,7 @@ def test_same_pid_preparers_do_not_collide(tmp_path, tiny_tokenizer, monkeypatch
     def go():
         try:
             start.wait(10)
-            results.append(prepare_corpus(src, tiny_tokenizer, 32, cache, log=lambda *a: None))
+            results.append(prepare_corpus(src, tiny_tokenizer, 32, cache))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -130,10 +134,10 @@ def test_temp_names_unique_for_same_host_and_pid(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "getpid", lambda: 1)
     monkeypatch.setattr(socket, "gethostname", lambda: "node")
     final = tmp_path / "abcd"
-    names = {prepare_mod._temp_name(final, prepare_mod._owner_tag()) for _ in range(50)}
+    names = {cache_mod.temp_name(final, cache_mod.owner_tag()) for _ in range(50)}
     assert len(names) == 50
     assert all(n.name.startswith(".abcd.tmp-node-1-") for n in names)
-    made = [prepare_mod._temp_dir(final, prepare_mod._owner_tag()) for _ in range(2)]
+    made = [cache_mod.temp_dir(final, cache_mod.owner_tag()) for _ in range(2)]
     assert made[0] != made[1] and all(m.is_dir() for m in made)
 
 
@@ -149,8 +153,8 @@ def test_stale_lock_of_a_dead_preparer_is_taken_over(tmp_path, tiny_tokenizer, m
     (dead / "shard_00000.bin").write_bytes(b"half")
     (cache / f".{key}.lock").write_text(json.dumps({"host": "othernode", "pid": 7, "tag": "othernode-7-deadbeef",
                                                       "since": "earlier"}))
-    logs = []
-    prepared = prepare_corpus(src, tiny_tokenizer, 32, cache, log=logs.append)
+    with logged() as logs:
+        prepared = prepare_corpus(src, tiny_tokenizer, 32, cache)
     assert prepared.rows > 0
     assert any("waiting for host othernode pid 7" in ln for ln in logs), logs
     assert any("taking over" in ln for ln in logs), logs
@@ -163,24 +167,24 @@ def test_live_lock_is_waited_for_not_taken_over(tmp_path, tiny_tokenizer, monkey
     src, cache = _corpus(tmp_path), tmp_path / "cache"
     cache.mkdir()
     key = cache_key(src, tiny_tokenizer, 32)
-    holder = prepare_mod._Lock(cache / f".{key}.lock")
+    holder = cache_mod.Lock(cache / f".{key}.lock")
     assert holder.try_create()
-    logs, done = [], []
-    waiter = threading.Thread(target=lambda: done.append(prepare_corpus(src, tiny_tokenizer, 32, cache,
-                                                                        log=logs.append)))
-    waiter.start()
-    time.sleep(1.2)  # 4x the stale limit: the heartbeat keeps the lock fresh
-    assert waiter.is_alive() and not done
-    assert not any("taking over" in ln for ln in logs), logs
-    assert any("waiting for" in ln and f"pid {os.getpid()}" in ln for ln in logs), logs
-    holder.release()
-    waiter.join(60)
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(prepare_corpus(src, tiny_tokenizer, 32, cache)))
+    with logged() as logs:
+        waiter.start()
+        time.sleep(1.2)  # 4x the stale limit: the heartbeat keeps the lock fresh
+        assert waiter.is_alive() and not done
+        assert not any("taking over" in ln for ln in logs), logs
+        assert any("waiting for" in ln and f"pid {os.getpid()}" in ln for ln in logs), logs
+        holder.release()
+        waiter.join(60)
     assert done and done[0].rows > 0
     assert sorted(os.listdir(cache)) == [key]
 
 
 def test_release_leaves_a_lock_that_is_not_ours(tmp_path):
-    lock = prepare_mod._Lock(tmp_path / ".k.lock")
+    lock = cache_mod.Lock(tmp_path / ".k.lock")
     assert lock.try_create()
     (tmp_path / ".k.lock").write_text('{"tag": "someone-else"}')  # taken over (wrongly) while we worked
     lock.release()
@@ -234,7 +238,8 @@ def _rank_worker(rank: int, port: int, out: str, result_path: str):
         # 2. whether `best` is complete: the main process's answer on every rank
         report["best_complete"] = checkpoint.is_complete_on_main(acc, ckpt)
         # 3. the state a load continues from: the main process's reading
-        state = checkpoint.load(acc, None, None, ckpt, None)
+        from trainer import reshard
+        state = reshard.load(acc, None, None, ckpt, None)
         report["loaded_step"], report["loaded"] = state.step, acc.loaded
         # 4. a rank that cannot read its share: every rank raises the same error (none waits forever)
         checkpoint._files, checkpoint.is_complete, checkpoint.read_state = real_files, real_is_complete, real_read_state

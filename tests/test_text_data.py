@@ -13,9 +13,9 @@ import pytest
 from trainer.config import ClassificationDataConfig
 from trainer.errors import UserError
 from trainer.metrics import classification_metrics
-from trainer.text.data import label_vocabulary
-from trainer.text.data import load_task as _load_task
-from trainer.text.data import read_split as _read_split
+from trainer.text.tasks import label_vocabulary
+from trainer.text.tasks import load_task as _load_task
+from trainer.text.tasks import read_split as _read_split
 
 ROWS = [{"text": "a fine film", "label": "pos"}, {"text": "dull and long", "label": "neg"},
         {"text": "it was fine I guess", "label": "neu"}, {"text": "superb acting", "label": "pos"}]
@@ -59,12 +59,12 @@ def _tok(tiny_tokenizer, tmp_path):
 
 
 def read_split(spec, c, split):
-    return _read_split(spec, c, split, TOK, CACHE, log=lambda *_: None)
+    return _read_split(spec, c, split, TOK, CACHE)
 
 
-def load_task(c, seed, log=None):
+def load_task(c, seed):
     """(splits, class ids per split, vocabulary) — the split's examples are rows of the prepared store."""
-    splits, vocab = _load_task(c, seed, TOK, CACHE, log=lambda *_: None)
+    splits, vocab = _load_task(c, seed, TOK, CACHE)
     return splits, {k: v.labels for k, v in splits.items()}, vocab
 
 
@@ -116,7 +116,7 @@ def test_string_and_int_labels_load(tmp_path):
         rows = [{"text": f"text number {i}", "label": y} for i, y in enumerate(labels)]
         train = write_jsonl(tmp_path / "train.jsonl", rows)
         test = write_jsonl(tmp_path / "test.jsonl", rows[::-1])
-        splits, ids, got = load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0, log=lambda *_: None)
+        splits, ids, got = load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0)
         assert got == vocab
         assert [vocab[i] for i in ids["train"]] == labels
         assert [vocab[i] for i in ids["test"]] == labels[::-1]
@@ -127,7 +127,7 @@ def test_int_labels_match_across_formats(tmp_path):
     rows = [{"text": f"text number {i}", "label": i % 2} for i in range(6)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_delimited(tmp_path / "test.csv", rows, ",")
-    _, ids, vocab = load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0, log=lambda *_: None)
+    _, ids, vocab = load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0)
     assert vocab == [0, 1] and ids["test"].tolist() == [0, 1, 0, 1, 0, 1]
 
 
@@ -136,7 +136,7 @@ def test_unknown_test_label_names_file_and_row(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", ROWS)
     test = write_jsonl(tmp_path / "test.jsonl", ROWS[:2] + [{"text": "meh", "label": "mixed"}])
     with pytest.raises(UserError) as exc:
-        load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0, log=lambda *_: None)
+        load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0)
     msg = str(exc.value)
     assert str(test) in msg and "row 3" in msg and "'mixed'" in msg
 
@@ -147,7 +147,7 @@ def test_unknown_label_row_counts_blank_lines(tmp_path):
     test.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n" +
                     json.dumps({"text": "meh", "label": "mixed"}) + "\n")
     with pytest.raises(UserError, match=r"row 4: label 'mixed'"):
-        load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0, log=lambda *_: None)
+        load_task(cfg(train=str(train), dev=str(train), test=str(test)), 0)
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
@@ -192,7 +192,7 @@ def test_missing_file_and_single_class(tmp_path):
         read_split(str(tmp_path / "nope.jsonl"), cfg(), "train")
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "x y", "label": "a"}] * 5)
     with pytest.raises(UserError, match="single class"):
-        load_task(cfg(train=str(one)), 0, log=lambda *_: None)
+        load_task(cfg(train=str(one)), 0)
 
 
 # ----------------------------------------------------------------------------- dev carving and few-shot
@@ -214,7 +214,7 @@ def test_dev_carved_from_train_is_stratified_seeded_disjoint(tmp_path):
     total = sum(counts.values())
 
     def carve(seed, ratio=0.1):
-        splits, ids, vocab = load_task(cfg(train=str(path), dev_ratio=ratio), seed, log=lambda *_: None)
+        splits, ids, vocab = load_task(cfg(train=str(path), dev_ratio=ratio), seed)
         return splits, ids, vocab
 
     splits, ids, vocab = carve(1)
@@ -242,11 +242,11 @@ def test_dev_carved_from_train_is_stratified_seeded_disjoint(tmp_path):
 def test_few_shot_is_stratified_seeded_subset(tmp_path, kind):
     path, counts = _imbalanced(tmp_path)
     base_cfg = dict(train=str(path), dev=str(path))  # a given dev split: few-shot applies to train only
-    full, full_ids, vocab = load_task(cfg(**base_cfg), 0, log=lambda *_: None)
+    full, full_ids, vocab = load_task(cfg(**base_cfg), 0)
     option = {"few_shot_fraction": 0.2} if kind == "fraction" else {"few_shot_per_class": 5}
 
     def take(seed):
-        return load_task(cfg(**base_cfg, **option), seed, log=lambda *_: None)
+        return load_task(cfg(**base_cfg, **option), seed)
 
     splits, ids, _ = take(3)
     texts = [ROWS_OF[path][r - 1]["text"] for r in rows_of(splits["train"])]
@@ -268,7 +268,7 @@ def test_few_shot_out_of_range(tmp_path):
                        ({"few_shot_fraction": 1.5}, "few_shot_fraction"),
                        ({"few_shot_per_class": 0}, "few_shot_per_class")):
         with pytest.raises(UserError, match=match):
-            load_task(cfg(train=str(path), **opt), 0, log=lambda *_: None)
+            load_task(cfg(train=str(path), **opt), 0)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -42,7 +42,7 @@ def save_tiny_bert(path: Path, cache: Path, layers: int) -> Path:
     before fine-tuning are known exactly."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from trainer.corpus.builtin import builtin_tokenizer_dir
+    from trainer.data.builtin import builtin_tokenizer_dir
     tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(cache, "grammar", 1000))
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,

@@ -1,10 +1,10 @@
-"""Classification data: prepared splits (`store`), labels mapped to a vocabulary, a dev split carved from train,
-few-shot subsets — all as numpy index arrays over the memory-mapped store (memory flat in the dataset size).
+"""A classification task's splits: prepared splits (`store`), labels mapped to a vocabulary, a dev split carved from
+train, few-shot subsets — all as numpy index arrays over the memory-mapped store (memory flat in the dataset size).
 
 Model selection uses dev only; test is read once for the final evaluation (the paper's code selected on test)."""
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,12 +12,11 @@ from typing import Optional
 import numpy as np
 
 from ..config import ClassificationDataConfig
-from ..corpus.builtin import BUILTIN_PREFIX
-from ..corpus.sources import _looks_like_hub_name, file_format
 from ..errors import UserError
-from .store import Source, SplitStore, prepare_split
+from .sources import source_of
+from .store import SplitStore, prepare_split
 
-BUILTIN_TASKS = ("builtin:topics", "builtin:polarity", "builtin:length")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,28 +40,9 @@ class Examples:
         return [self.store.piece_lengths(f)[self.idx] for f in range(len(self.store.tokens))]
 
 
-def source_of(spec: str, cfg: ClassificationDataConfig, split: str) -> Source:
-    """What `spec` names: a builtin task, a file, a local hub-format folder or a hub dataset."""
-    if spec.startswith(BUILTIN_PREFIX):
-        if spec not in BUILTIN_TASKS:
-            raise UserError(f"unknown builtin dataset '{spec}' (known: {', '.join(BUILTIN_TASKS)})")
-        return Source("builtin", spec, split=split)
-    hub_split = cfg.hub_splits.get(split, split)
-    if os.path.isdir(spec) or cfg.format == "hub" or (
-            not os.path.exists(spec) and cfg.format == "auto" and _looks_like_hub_name(spec)):
-        return Source("hub", spec, hub_config=cfg.hub_config, split=hub_split, revision=cfg.hub_revision)
-    if not os.path.exists(spec):
-        raise UserError(f"data file not found: {spec}")
-    fmt = file_format(spec, cfg.format)
-    if fmt == "txt":
-        raise UserError(f"{spec}: classification data needs a labelled format (jsonl, csv, tsv, parquet)")
-    return Source("file", spec, fmt=fmt, split=split)
-
-
-def read_split(spec: str, cfg: ClassificationDataConfig, split: str, tokenizer, cache_dir: Path,
-               log=print) -> SplitStore:
+def read_split(spec: str, cfg: ClassificationDataConfig, split: str, tokenizer, cache_dir: Path) -> SplitStore:
     return prepare_split(source_of(spec, cfg, split), list(cfg.text_fields), cfg.label_field, tokenizer, cache_dir,
-                         cfg.num_proc, log=log)
+                         cfg.num_proc)
 
 
 def label_vocabulary(labels) -> list:
@@ -118,13 +98,13 @@ def stratified_indices(labels: np.ndarray, seed: int, *, fraction: Optional[floa
     return np.sort(np.concatenate(chosen))
 
 
-def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Path, log=print):
+def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Path):
     """→ ({train, dev, test?}: Examples, label vocabulary). Each split is prepared once (see store.py)."""
     if not cfg.train:
         raise UserError("data.train is required (a file, a hub dataset name, or builtin:topics)")
     if not 1 <= len(cfg.text_fields) <= 2:
         raise UserError(f"data.text_fields must name one or two fields, got {cfg.text_fields}")
-    train_store = read_split(cfg.train, cfg, "train", tokenizer, cache_dir, log)
+    train_store = read_split(cfg.train, cfg, "train", tokenizer, cache_dir)
     vocab = vocabulary(train_store)
     names = bool(train_store.label_names)
     if len(vocab) < 2:
@@ -135,7 +115,7 @@ def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Pa
 
     train = examples(train_store)
     if cfg.dev:
-        dev = examples(read_split(cfg.dev, cfg, "dev", tokenizer, cache_dir, log))
+        dev = examples(read_split(cfg.dev, cfg, "dev", tokenizer, cache_dir))
     else:
         if not 0 < cfg.dev_ratio < 1:
             raise UserError(f"data.dev_ratio must be in (0, 1) when no dev split is given, got {cfg.dev_ratio}")
@@ -143,7 +123,8 @@ def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Pa
         keep = np.ones(len(train), dtype=bool)
         keep[dev_idx] = False
         dev, train = train.subset(dev_idx), train.subset(keep)
-        log(f"dev split: {len(dev_idx)} stratified examples carved from {cfg.train} (data.dev_ratio={cfg.dev_ratio})")
+        log.info(f"dev split: {len(dev_idx)} stratified examples carved from {cfg.train} "
+                 f"(data.dev_ratio={cfg.dev_ratio})")
     if cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None:
         if cfg.few_shot_fraction is not None and not 0 < cfg.few_shot_fraction <= 1:
             raise UserError(f"data.few_shot_fraction must be in (0, 1], got {cfg.few_shot_fraction}")
@@ -152,10 +133,10 @@ def load_task(cfg: ClassificationDataConfig, seed: int, tokenizer, cache_dir: Pa
         idx = stratified_indices(train.labels, seed + 1, fraction=cfg.few_shot_fraction,
                                  per_class=cfg.few_shot_per_class)
         train = train.subset(idx)
-        log(f"few-shot: training on {len(idx)} examples")
+        log.info(f"few-shot: training on {len(idx)} examples")
     splits = {"train": train, "dev": dev}
     if cfg.test:
-        splits["test"] = examples(read_split(cfg.test, cfg, "test", tokenizer, cache_dir, log))
+        splits["test"] = examples(read_split(cfg.test, cfg, "test", tokenizer, cache_dir))
     for name, split in splits.items():
         if len(split) == 0:
             raise UserError(f"the {name} split of {cfg.train} is empty")
