@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 
+import log_lines
 from trainer.checkpoint import (_files, _write_manifest, checkpoint_root, is_complete, latest_complete,
                                 list_checkpoints, manifest_entries)
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.reshard import keep_global_batch
+
+
+@pytest.fixture
+def logged():
+    """The job log's messages (tests/log_lines.py) while the test runs."""
+    with log_lines.logged() as lines:
+        yield lines
 
 
 def _make(out: Path, step: int, complete: bool = True, name: str | None = None) -> Path:
@@ -61,14 +69,15 @@ def test_damage_makes_incomplete(tmp_path, damage):
     assert not is_complete(path)
 
 
-def test_same_size_corruption_is_caught_by_the_checksum(tmp_path):
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path, logged):
     first = _make(tmp_path, 100)
     second = _make(tmp_path, 200)
     (second / "optimizer.bin").write_bytes(b"x" + b"o" * 63)  # a flipped byte: same size
     assert is_complete(second) and not is_complete(second, verify=True)
-    logs = []
-    assert latest_complete(tmp_path, log=logs.append, verify=True) == first
-    assert len(logs) == 1 and str(second) in logs[0]
+    assert latest_complete(tmp_path, verify=True) == first
+    assert len(logged) == 1 and str(second) in logged[0]
+    logged.clear()
+    assert latest_complete(tmp_path, verify=True, quiet=True) == first and logged == []
 
 
 def test_extra_file_does_not_break_completeness(tmp_path):
@@ -95,33 +104,31 @@ def test_list_checkpoints_numeric_order_and_filtering(tmp_path):
     assert list_checkpoints(tmp_path / "no-run") == []
 
 
-def test_latest_complete_picks_newest(tmp_path):
+def test_latest_complete_picks_newest(tmp_path, logged):
     _make(tmp_path, 100)
     newest = _make(tmp_path, 200)
     _make(tmp_path, 300, name=".tmp-step_00000300")  # torn save in progress: never a candidate
-    logs = []
-    assert latest_complete(tmp_path, log=logs.append) == newest
-    assert logs == []
+    assert latest_complete(tmp_path) == newest
+    assert logged == []
 
 
-def test_truncated_newest_falls_back(tmp_path):
+def test_truncated_newest_falls_back(tmp_path, logged):
     first = _make(tmp_path, 100)
     second = _make(tmp_path, 200)
     third = _make(tmp_path, 300)
     (third / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 7)  # truncated
-    logs = []
-    assert latest_complete(tmp_path, log=logs.append) == second
-    assert len(logs) == 1 and str(third) in logs[0]
+    assert latest_complete(tmp_path) == second
+    assert len(logged) == 1 and str(third) in logged[0]
     (second / "manifest.json").unlink()  # torn before the manifest was written
-    logs.clear()
-    assert latest_complete(tmp_path, log=logs.append) == first
-    assert len(logs) == 2
+    logged.clear()
+    assert latest_complete(tmp_path) == first
+    assert len(logged) == 2
 
 
 def test_latest_complete_none(tmp_path):
-    assert latest_complete(tmp_path, log=lambda *a: None) is None
+    assert latest_complete(tmp_path) is None
     _make(tmp_path, 100, complete=False)
-    assert latest_complete(tmp_path, log=lambda *a: None) is None
+    assert latest_complete(tmp_path, quiet=True) is None
 
 
 def _train(micro: int, accum: int) -> TrainConfig:
@@ -135,17 +142,16 @@ def _train(micro: int, accum: int) -> TrainConfig:
     (3, 16, 2, None),  # 32 samples cannot be split over 3 ranks
     (8, 16, 1, (4, 1)),
 ])
-def test_keep_global_batch(tmp_path, world, micro, accum, want):
+def test_keep_global_batch(tmp_path, world, micro, accum, want, logged):
     _make(tmp_path, 100)  # written by 2 ranks, global batch 32
-    logs = []
     if want is None:
         with pytest.raises(UserError, match="cannot split it evenly"):
-            keep_global_batch(tmp_path, True, _train(micro, accum), world, log=logs.append)
+            keep_global_batch(tmp_path, True, _train(micro, accum), world)
         return
-    got = keep_global_batch(tmp_path, True, _train(micro, accum), world, log=logs.append)
+    got = keep_global_batch(tmp_path, True, _train(micro, accum), world)
     assert (got.micro_batch_size, got.grad_accum) == want
     assert got.micro_batch_size * got.grad_accum * world == 32
-    assert len(logs) == (0 if world == 2 else 1)
+    assert len(logged) == (0 if world == 2 else 1)
     # no resume, or nothing to resume: the config as given
     assert keep_global_batch(tmp_path, False, _train(micro, accum), world) == _train(micro, accum)
     assert keep_global_batch(tmp_path / "none", True, _train(micro, accum), world) == _train(micro, accum)

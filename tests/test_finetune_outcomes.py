@@ -74,11 +74,11 @@ def _initial_classifier(cache: Path, start_model: Path, labels: list):
     """The classifier exactly as the trainer builds it before step 1 (its head init is seeded by cfg.seed)."""
     from trainer.config import FinetuneConfig, load
     from trainer.model import load_tokenizer
-    from trainer.stages.finetune import build_model, tasks_of
+    from trainer.stages.finetune import build_classifier, tasks_of
     cfg = load(FinetuneConfig, str(REPO / FT["config"]), common(start_model))
     tasks = tasks_of(cfg)
     tasks[0].vocab = labels
-    return build_model(cfg, load_tokenizer(cfg.model, "grammar", cache), tasks)
+    return build_classifier(cfg, load_tokenizer(cfg.model, "grammar", cache), tasks)
 
 
 def test_finetuning_moves_the_head_and_every_encoder_tensor(reference, cache, start_model):
@@ -176,7 +176,7 @@ def test_predict_probabilities_are_the_models_softmax(which, request, tmp_path, 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trainer.classifier import Classifier
     from trainer.config import TextConfig
-    from trainer.corpus.builtin import labelled_examples
+    from trainer.data.builtin import labelled_examples
     from trainer.text.batching import Collator
     from trainer.text.truncation import Encoder
 

@@ -24,7 +24,7 @@ def checkpoints(tmp_path_factory, _isolated_cache):
     """A tiny BERT saved twice with the builtin tokenizer: as a bare `BertModel` (no MLM head, like a sentence
     encoder) and as `BertForMaskedLM` (with its head). The session's cache: tokenizer and corpus made once."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
-    from trainer.corpus.builtin import builtin_tokenizer_dir
+    from trainer.data.builtin import builtin_tokenizer_dir
     cache = _isolated_cache
     tok = AutoTokenizer.from_pretrained(builtin_tokenizer_dir(cache, "grammar", 1000))
     conf = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -2,14 +2,16 @@
 
 Two kinds of cell, each launched as users launch (`accelerate launch --config_file launch/accelerate/<setup>.yaml`,
 or one plain process for `single`):
-- recipe cells (BERT), every setup × precision: the recipe — further pre-training → ITPT-FiT (three tasks, three
-  long-text strategies) → MFiT → MFiT-FiT — in one process, then predict from an export;
+- recipe cells (BERT), every setup × precision: the recipe — every stage: the FiT baselines, further pre-training →
+  ITPT-FiT (three tasks, three long-text strategies) → MFiT → MFiT-FiT — in one process, then predict from an
+  export;
 - family cells, every family × setup, the precision alternating so that every (family, precision) pair occurs too:
   pre-training, fine-tuning from its export, predict.
 Both stop a pre-training run half-way, resume it and compare it with the uninterrupted run.
 
 Every cell asserts what a user cares about: each stage ran under the engine, ZeRO stage, offload and precision it
-was launched with (read back from the prepared engine into `metrics.jsonl`), the loss fell, every export reloads
+was launched with (read back into `metrics.jsonl`: from the DeepSpeed engine, or for single / DDP from the dtype of
+the first training forward), the loss fell, every export reloads
 with `from_pretrained` as fp32, the next stage and predict run from it, and stop + resume matches.
 
 CI runs the cells in `CI_CELLS`; `python bench/matrix.py` runs them all and writes `bench/RESULTS_matrix.md`
@@ -115,11 +117,12 @@ def pretrain_stop_resume_matches(setup, precision, arch_overrides, tmp: Path, ca
 @pytest.mark.parametrize("setup,precision", cells(RECIPE_CELLS))
 def test_recipe_cell(tmp_path, cache, setup, precision):
     out = tmp_path / "recipe"
-    launch(setup, out, f"model.precision={precision}", "stages.fit_baseline=false", "pretrain.train.max_steps=30",
+    launch(setup, out, f"model.precision={precision}", "pretrain.train.max_steps=30",
            "pretrain.train.save_every=15", "pretrain.train.log_every=5", "finetune.train.max_steps=12",
            "finetune.train.eval_every=6", cache=cache, script="recipe.py", config="configs/recipe/tiny.yaml")
-    stage_dirs = [out / "pretrain", *(out / "pt_fit").iterdir(), out / "mfit", *(out / "mfit_fit").iterdir()]
-    assert len(stage_dirs) == 8
+    stage_dirs = [*(out / "fit").iterdir(), out / "pretrain", *(out / "pt_fit").iterdir(), out / "mfit",
+                  *(out / "mfit_fit").iterdir()]
+    assert len(stage_dirs) == 11
     for stage in stage_dirs:  # every stage under the setup it was launched with (not only the first)
         assert_ran_as_launched(stage, setup, precision)
     pt = [r for r in metrics(out / "pretrain") if "loss" in r]

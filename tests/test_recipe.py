@@ -39,7 +39,7 @@ def test_multitask_zero3_three_tasks_each_head_learns(tmp_path, cache):
 
 def test_task_draw_depends_on_seed_and_step_only():
     import numpy as np
-    from trainer.stages.finetune import task_of_step
+    from trainer.multitask import task_of_step
     probs = np.array([0.5, 0.3, 0.2])
     draws = [task_of_step(7, s, probs) for s in range(3000)]
     assert draws == [task_of_step(7, s, probs) for s in range(3000)]

@@ -1,12 +1,15 @@
-"""Tokenizer and BERT-family model loading: a hub name or local dir via Auto classes, or a config for random init."""
+"""Tokenizer and BERT-family model loading — the one loader of every stage: a hub name or local dir via Auto
+classes, or a config for random init; a masked-LM model for pre-training, a bare encoder for a classifier."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
-from .distributed import rank0_print
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: ModelConfig, builtin_corpus: Optional[str] = None, cache_dir: Optional[Path] = None):
@@ -14,7 +17,7 @@ def load_tokenizer(cfg: ModelConfig, builtin_corpus: Optional[str] = None, cache
     from transformers import AutoTokenizer
     name = cfg.tokenizer or cfg.name_or_path
     if name == "builtin":
-        from .corpus.builtin import builtin_tokenizer_dir
+        from .data.builtin import builtin_tokenizer_dir
         name = str(builtin_tokenizer_dir(Path(cache_dir), builtin_corpus or "grammar", cfg.tokenizer_vocab_size))
     if not name:
         raise UserError("set model.name_or_path or model.tokenizer")
@@ -68,10 +71,11 @@ def _pretrained_config(cfg: ModelConfig, **extra):
             raise UserError(f"model.config.{key}: {conf.model_type} configs have no such key")
         if key in _SHAPE_KEYS and getattr(conf, key) != value:
             raise UserError(f"model.config.{key}={value!r} differs from {cfg.name_or_path} "
-                            f"({getattr(conf, key)!r}); the pretrained weights would not fit")
+                            f"({getattr(conf, key)!r}); the pretrained weights would not fit — remove model.config.{key}, or set "
+                            f"model.config=null to use the checkpoint's architecture as it is")
         setattr(conf, key, value)
     if cfg.config:
-        rank0_print(f"model.config overrides on {cfg.name_or_path}: {cfg.config}")
+        log.info(f"model.config overrides on {cfg.name_or_path}: {cfg.config}")
     return conf
 
 
@@ -87,11 +91,13 @@ def instantiate(make, cfg: ModelConfig, what: str):
     except ValueError as exc:
         if cfg.attn_implementation != "auto" or "attention" not in str(exc).lower():
             raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}") from None
-        rank0_print(f"{what} has no {want} attention; using eager (model.attn_implementation=auto)")
+        log.info(f"{what} has no {want} attention; using eager (model.attn_implementation=auto)")
         return make("eager")
 
 
-def _auto_config(cfg: ModelConfig, tokenizer, **extra):
+def model_config(cfg: ModelConfig, tokenizer, **extra):
+    """The transformers config of the model to build: the checkpoint's (with `model.config` overrides) or, for
+    random init, `model.config` with the tokenizer's vocabulary size and pad id."""
     from transformers import AutoConfig
     try:
         if cfg.name_or_path:
@@ -110,19 +116,22 @@ def _auto_config(cfg: ModelConfig, tokenizer, **extra):
 
 def build_model(cfg: ModelConfig, tokenizer, head: str = "mlm", seed: int = 0, loading_info: Optional[dict] = None,
                 **extra):
-    """head: `mlm` (masked LM), `pretraining` (MLM + NSP). `loading_info`, when given, is filled with what
-    transformers reports on loading a pretrained checkpoint (`missing_keys`: weights it initialised at random,
-    e.g. the MLM head of an encoder saved without one — see `missing_head_weights`); left empty for random init."""
+    """head: `mlm` (masked LM), `pretraining` (MLM + NSP), `encoder` (the bare encoder a classifier wraps).
+    Weights in fp32 whatever the checkpoint's dtype (the engine casts for bf16/fp16 itself and keeps fp32
+    masters), built whole on every rank (DeepSpeed partitions it in prepare()), fresh weights seeded by `seed`.
+    `loading_info`, when given, is filled with what transformers reports on loading a pretrained checkpoint
+    (`missing_keys`: weights it initialised at random, e.g. the MLM head of an encoder saved without one — see
+    `missing_head_weights`); left empty for random init."""
     import torch
-    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
-    auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining}[head]
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
+    auto = {"mlm": AutoModelForMaskedLM, "pretraining": AutoModelForPreTraining, "encoder": AutoModel}[head]
     if loading_info is not None:
         loading_info.clear()
-    conf = _auto_config(cfg, tokenizer, **extra)
+    conf = model_config(cfg, tokenizer, **extra)
     from .classifier import plain_init
     torch.manual_seed(seed)  # fresh weights independent of whatever ran before in the process
 
-    def make(attn):  # fp32 weights whatever the checkpoint's dtype: the engine casts for bf16/fp16 itself
+    def make(attn):
         if cfg.name_or_path:
             model, info = auto.from_pretrained(cfg.name_or_path, config=conf, attn_implementation=attn,
                                                dtype=torch.float32, output_loading_info=True)

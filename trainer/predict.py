@@ -1,5 +1,6 @@
 """Prediction at scale with an exported classifier: the same truncation / hierarchy as training, length-batched,
-on one process or several (`accelerate launch`: each rank a disjoint slice, one merged output in input order).
+on one process or several (`accelerate launch`: each rank a disjoint slice, one merged output in input order) —
+the batches run through `evaluate.gathered_logits`, the same code that evaluates dev and test in fine-tuning.
 
 The input is prepared like training data (tokenized once into the memory-mapped store, `text/store.py`), in
 tolerant mode: a row that cannot be read (not UTF-8, not JSON) or has no text is reported with its row number
@@ -10,21 +11,27 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from accelerate.utils import gather
 
 from .classifier import Classifier
 from .config import ClassificationDataConfig
 from .errors import UserError
+from .evaluate import gathered_logits
 from .metrics import classification_metrics
 from .text.batching import Collator
-from .text.data import source_of
-from .text.store import prepare_split, read_records
+from .text.sources import read_records, source_of
+from .text.store import prepare_split
 from .text.truncation import Encoder, encoded_stats
+
+log = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
@@ -43,8 +50,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     """Classify every row of `input_path` into `output_path`; → a summary {rows, predicted, bad_rows, metrics}."""
     from transformers import AutoTokenizer
 
-    from .corpus.prepare import default_cache_dir
-    from .distributed import init_processes, rank0_print
+    from .data.cache import default_cache_dir
+    from .distributed import init_processes
     fmt = output_format(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise UserError(f"{output_path} exists; pass --overwrite to replace it")
@@ -70,44 +77,38 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
                                     f"(fields: {', '.join(map(str, record))})")
                 break
     with state.main_process_first():  # rank 0 prepares (or finds the cache), the others map what it wrote
-        store = prepare_split(source, fields, label_field, tokenizer, default_cache_dir(), num_proc, tolerant=True,
-                              log=rank0_print)
+        store = prepare_split(source, fields, label_field, tokenizer, default_cache_dir(), num_proc, tolerant=True)
     bad = store.bad_rows()
     keep_mask = np.ones(store.n, dtype=bool)
     if bad and skip_bad_rows:
         keep_mask[np.searchsorted(np.asarray(store.row), [b["row"] for b in bad])] = False
     lengths = encoded_stats([store.piece_lengths(f) for f in range(len(fields))], model.text_cfg)[0]
-    order = np.flatnonzero(keep_mask)[np.argsort(-lengths[keep_mask], kind="stable")]
-    mine = order[state.process_index::state.num_processes]  # interleaved: every rank gets long and short rows
+    kept = np.flatnonzero(keep_mask)
     encoder, collate = Encoder(tokenizer, model.text_cfg), Collator(tokenizer.pad_token_id, model.hierarchical)
     model.to(state.device).eval()
-    probs = np.zeros((len(mine), len(labels)), dtype=np.float32)
-    starts = range(0, len(mine), batch_size)
+
+    def logits_of(idx):
+        rows = kept[idx]
+        batch = collate([encoder.encode_pieces(store.pieces(int(i))) for i in rows], np.zeros(len(rows), np.int64))
+        return model(**{k: v.to(state.device) for k, v in batch.items()})[1]
+
+    progress_bar = None
     if progress and state.is_main_process:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"predict ({state.num_processes} process{'es' if state.num_processes > 1 else ''}"
-                      f", rank 0's share)", unit="batch")
+        progress_bar = partial(tqdm, desc=f"predict ({state.num_processes} process"
+                               f"{'es' if state.num_processes > 1 else ''}, rank 0's share)", unit="batch")
     with torch.no_grad():
-        for s in starts:
-            idx = mine[s:s + batch_size]
-            batch = collate([encoder.encode_pieces(store.pieces(int(i))) for i in idx], np.zeros(len(idx), np.int64))
-            _, logits = model(**{k: v.to(state.device) for k, v in batch.items()})
-            probs[s:s + len(idx)] = torch.softmax(logits.float(), -1).cpu().numpy()
-    if state.num_processes > 1:
-        gathered = [None] * state.num_processes if state.is_main_process else None
-        torch.distributed.gather_object((mine, probs), gathered, dst=0)
-    else:
-        gathered = [(mine, probs)]
+        logits = gathered_logits(logits_of, lengths[kept], batch_size, len(labels), state.num_processes,
+                                 state.process_index, state.device, gather, progress_bar)
     summary = {}
     if state.is_main_process:
         table = np.zeros((store.n, len(labels)), dtype=np.float32)
-        for idx, p in gathered:
-            table[idx] = p
+        table[kept] = torch.softmax(torch.from_numpy(logits), -1).numpy()
         summary = _write(output_path, fmt, source, store, table, keep_mask, labels, fields, label_field, id_field,
                          list(keep), probabilities, bad)
         if bad:
             shown = "; ".join(f"row {b['row']}: {b['problem']}" for b in bad[:5])
-            rank0_print(f"{len(bad)} row(s) could not be read or had no text ({shown}{' …' if len(bad) > 5 else ''}) "
+            log.warning(f"{len(bad)} row(s) could not be read or had no text ({shown}{' …' if len(bad) > 5 else ''}) "
                         f"— {'left out' if skip_bad_rows else 'predicted as empty text, marked in the error column'}; "
                         f"all listed in {output_path}.bad_rows.jsonl")
     state.wait_for_everyone()

@@ -1,6 +1,7 @@
-"""Resume on another world size.
+"""Loading a checkpoint (trainer/checkpoint.py writes them), also on another world size.
 
-Two things tie a checkpoint to the number of processes that wrote it, and both are handled here:
+`load` restores a checkpoint into the prepared model and optimizer. Two things tie a checkpoint to the number of
+processes that wrote it, and both are handled here:
 - the global batch (micro x accumulation x ranks): it is kept, so optimizer step k consumes the same samples and
   the LR schedule (a function of the step) continues where it was — the micro-batch / accumulation split is
   re-chosen for the new rank count (`keep_global_batch`, before the Accelerator is built);
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,11 +30,40 @@ from .errors import UserError
 UNIVERSAL = "universal"  # the converted copy inside a checkpoint dir
 _DS_TAG = "pytorch_model"  # where accelerate's save_state puts DeepSpeed's files
 
+log = logging.getLogger(__name__)
 
-def keep_global_batch(out: Path, resume: bool, train, world_size: int, log=print):
+
+def _kind(zero_stage: Optional[int]) -> str:
+    return "without DeepSpeed" if zero_stage is None else f"with DeepSpeed ZeRO-{zero_stage}"
+
+
+def load(accelerator, model, optimizer, path: Path, zero_stage: Optional[int]) -> checkpoint.TrainerState:
+    """Collective. Restore model/optimizer/RNG from `path`; a checkpoint of another world size is re-partitioned.
+    `zero_stage`: this run's DeepSpeed ZeRO stage, None without DeepSpeed. The trainer state and the checkpoint's
+    kind are read by the main process and broadcast (see trainer/checkpoint.py)."""
+
+    def inspect() -> tuple[checkpoint.TrainerState, bool]:  # main process: every rank gets the same state and path
+        try:
+            state = checkpoint.read_state(path)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"cannot read {path / 'trainer_state.json'}: {exc}".splitlines()[0]) from None
+        if (path / _DS_TAG).is_dir() != (zero_stage is not None) or state.zero_stage != zero_stage:
+            raise UserError(f"checkpoint {path} was written {_kind(state.zero_stage)}; this run is "
+                            f"{_kind(zero_stage)} — resume with the same kind of accelerate config")
+        return state, state.world_size != accelerator.num_processes and needs_conversion(path)
+
+    state, convert = decided_by_main(accelerator, inspect)
+    if convert:
+        load_universal(accelerator, model, optimizer, path)
+    else:  # same world size, or whole (DDP / single-process) state, which any world size can load
+        accelerator.load_state(str(path))
+    return state
+
+
+def keep_global_batch(out: Path, resume: bool, train, world_size: int):
     """`train` with micro_batch_size / grad_accum re-chosen so the global batch of the checkpoint a resume will
     load stays the same on `world_size` ranks. Read-only: runs before the Accelerator exists."""
-    ckpt = checkpoint.latest_complete(out, log=lambda *_: None) if resume else None
+    ckpt = checkpoint.latest_complete(out, quiet=True) if resume else None  # claim_output_dir warns later
     if ckpt is None:
         return train
     state = checkpoint.read_state(ckpt)
@@ -45,9 +77,9 @@ def keep_global_batch(out: Path, resume: bool, train, world_size: int, log=print
     per_rank = want // world_size
     micro = max(m for m in range(1, min(train.micro_batch_size, per_rank) + 1) if per_rank % m == 0)
     new = replace(train, micro_batch_size=micro, grad_accum=per_rank // micro)
-    log(f"world size {state.world_size} -> {world_size}: keeping the global batch of {want} samples with "
-        f"micro_batch_size {new.micro_batch_size} x grad_accum {new.grad_accum} per rank "
-        f"(was {train.micro_batch_size} x {train.grad_accum})")
+    log.info(f"world size {state.world_size} -> {world_size}: keeping the global batch of {want} samples with "
+             f"micro_batch_size {new.micro_batch_size} x grad_accum {new.grad_accum} per rank "
+             f"(was {train.micro_batch_size} x {train.grad_accum})")
     return new
 
 
@@ -63,7 +95,7 @@ def universal_copy(accelerator, ckpt: Path) -> Path:
     def convert() -> None:
         if (target / "done").is_file():
             return
-        accelerator.print(f"converting {ckpt} to a DeepSpeed universal checkpoint (world size changed)")
+        log.info(f"converting {ckpt} to a DeepSpeed universal checkpoint (world size changed)")
         try:
             _convert(ckpt, target)
         except Exception as exc:  # any converter failure is one line on every rank

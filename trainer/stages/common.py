@@ -1,26 +1,76 @@
-"""What every stage does around the loop: guard the output dir, save the resolved config, export the HF model."""
+"""What every stage does around the loop, written once: the stage skeleton (`open_run` → the stage's own inputs,
+model and `loop.Job` → `train`), the output-dir guard, the resolved config, the HF export."""
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
-from .. import checkpoint
-from ..distributed import decided_by_main
+from .. import checkpoint, loop
+from ..config import to_dict
+from ..distributed import Topology, decided_by_main, make_accelerator, resolve_launch_settings
 from ..errors import UserError
+from ..optim.param_groups import describe_groups
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf_model", "wandb", "curves.png", "param_groups.json")
 # sections whose change makes a checkpoint meaningless to continue
 _RESUME_MUST_MATCH = ("model", "data")
 
 
-def _diff(a, b, prefix=""):
+@dataclass
+class Run:
+    """A stage's run once its config is resolved, its output dir checked and its engine built."""
+    cfg: object  # PretrainConfig | FinetuneConfig, launch settings resolved
+    out: Path
+    accelerator: object
+    topo: Topology
+    resume: bool
+    overwrite: bool
+
+
+def open_run(cfg, validate: Callable, resume: bool, overwrite: bool, check_dir: bool = True, **engine) -> Run:
+    """The first half of every stage: the launcher's settings folded into the config (or refused) → the
+    stage's own checks → the output-dir guard (read-only: nothing is touched before the inputs load) → on a
+    resume, the checkpoint's global batch → the Accelerator / DeepSpeed engine. `check_dir=False`: a run that
+    writes no checkpoint (fine-tuning's --eval-only) guards its own output."""
+    cfg = resolve_launch_settings(cfg)
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    if check_dir:
+        check_output_dir(out, to_dict(cfg), resume, overwrite)
+        cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
+    accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
+                                         grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
+                                         deepspeed_config=cfg.distributed.deepspeed_config, **engine)
+    return Run(cfg, out, accelerator, topo, resume, overwrite)
+
+
+def train(run: Run, job: loop.Job, groups: list) -> bool:
+    """The second half: the inputs loaded without error, so the run may claim its output dir (pick the
+    checkpoint to resume, or clear the old run on --overwrite), save the resolved config and its parameter
+    groups, and train. True when it finished, False when it stopped early (stop_at_step, preemption)."""
+    resume_from = claim_output_dir(run.accelerator, run.out, run.resume, run.overwrite)
+    save_resolved_config(run.accelerator, run.out, to_dict(run.cfg))
+    if run.accelerator.is_main_process:
+        (run.out / "param_groups.json").write_text(json.dumps(describe_groups(groups), indent=1))
+    cfg = run.cfg
+    loop_cfg = loop.LoopConfig(run.out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
+    return loop.run(job, loop_cfg, run.accelerator, run.topo, resume_from)
+
+
+def first_difference(a, b, prefix=""):
+    """The first key (dotted, sorted order) where two config dicts differ; None when they are equal."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d
         return None
@@ -35,7 +85,7 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> 
         if saved.is_file():
             old = yaml.safe_load(saved.read_text()) or {}
             for section in _RESUME_MUST_MATCH:
-                key = _diff(old.get(section), config.get(section), section + ".")
+                key = first_difference(old.get(section), config.get(section), section + ".")
                 if key:
                     raise UserError(f"cannot resume {out}: config key '{key}' differs from the saved run "
                                     f"(start a new output_dir, or pass --overwrite to replace the run)")
@@ -51,7 +101,7 @@ def claim_output_dir(accelerator, out: Path, resume: bool, overwrite: bool) -> O
     def decide() -> Optional[Path]:
         found = None
         if resume:
-            found = checkpoint.latest_complete(out, log=accelerator.print, verify=True)
+            found = checkpoint.latest_complete(out, verify=True)
             if found is None and checkpoint.list_checkpoints(out):
                 raise UserError(f"no intact checkpoint in {checkpoint.checkpoint_root(out)} (all torn or "
                                 f"corrupted); pass --overwrite to start the run again")

@@ -1,29 +1,28 @@
 """Further pre-training (ITPT / IDPT / CDPT — the same job pointed at different text): masked LM (+ optional NSP)."""
 from __future__ import annotations
 
-import json
+import logging
 import math
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import loop
-from ..config import PretrainConfig, to_dict
-from ..corpus.builtin import BUILTIN_PREFIX
+from ..config import PretrainConfig
 from ..corpus.masking import MLMCollator
-from ..corpus.prepare import default_cache_dir, prepare_corpus
+from ..corpus.prepare import prepare_corpus
 from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
-from ..distributed import make_accelerator, resolve_launch_settings
+from ..data.builtin import BUILTIN_PREFIX
+from ..data.cache import default_cache_dir
 from ..errors import UserError
 from ..flops import pretraining_flops_per_token
 from ..masked_head import use_masked_positions_only
 from ..model import (build_model, dropped_pooler, head_parameter_names, load_tokenizer, max_positions,
                      missing_head_weights)
-from ..optim.param_groups import build_param_groups, describe_groups, make_optimizer
-from .common import (check_output_dir, claim_output_dir, export_hf, resume_train_config, save_resolved_config,
-                     validate_train_optim)
+from ..optim.param_groups import build_param_groups, make_optimizer
+from .common import export_hf, open_run, train, validate_train_optim
+
+log = logging.getLogger(__name__)
 
 
 def _builtin_name(cfg: PretrainConfig):
@@ -81,8 +80,7 @@ def head_warmup_steps(setting: int, missing_head: list, total_steps: int) -> int
     return min(HEAD_WARMUP_AUTO_MAX, max(1, floor, math.ceil(HEAD_WARMUP_AUTO_FRACTION * total_steps)))
 
 
-def head_warmup_gate(groups: list, warmup: int, total_steps: int, head_lr: float, why: str,
-                     log: Callable[[str], None]):
+def head_warmup_gate(groups: list, warmup: int, total_steps: int, head_lr: float, why: str):
     """`loop.Job.lr_gate` for a head warm-up: while step < `warmup` (the lr in effect for steps 1…warmup) factor
     0 for the encoder's parameter groups and head_lr / the group's lr for the head's (train.head_warmup_lr), 1
     for every group afterwards; with `Job.schedule_start = warmup` the warm-up runs at constant lrs and optim's
@@ -111,17 +109,17 @@ def head_warmup_gate(groups: list, warmup: int, total_steps: int, head_lr: float
             if "start" not in said:
                 said.add("start")
                 frozen = sum(not h for h in head)
-                log(f"head warm-up: steps {step + 1}–{min(warmup, total_steps)} train the pre-training head only "
+                log.info(f"head warm-up: steps {step + 1}–{min(warmup, total_steps)} train the pre-training head only "
                     f"at lr {head_lr:g} ({why}); the encoder ({frozen} param groups) has lr 0"
                     + (" for the whole run" if warmup >= total_steps else ""))
             return warm
         if step == warmup < total_steps and "end" not in said:
             said.add("end")
-            log(f"head warm-up done after step {warmup}: the encoder trains from step {warmup + 1} on, "
+            log.info(f"head warm-up done after step {warmup}: the encoder trains from step {warmup + 1} on, "
                 f"optim's schedule starting there")
         elif step > warmup and not said:  # resumed after it
             said.add("end")
-            log(f"head warm-up (steps 1–{warmup}, {why}) was done before step {step}")
+            log.info(f"head warm-up (steps 1–{warmup}, {why}) was done before step {step}")
         return [1.0] * len(head)
 
     return gate
@@ -136,28 +134,22 @@ def builtin_tokenizer_cache(cfg: PretrainConfig):
     return _builtin_name(cfg), _cache_dir(cfg)
 
 
-def prepare_corpora(cfg: PretrainConfig, tokenizer, log=print):
+def prepare_corpora(cfg: PretrainConfig, tokenizer):
     cache = _cache_dir(cfg)
-    return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc, log) for src in cfg.data.corpora]
+    return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc) for src in cfg.data.corpora]
 
 
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> bool:
     """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
-    cfg = resolve_launch_settings(cfg)
-    validate(cfg)
-    out = Path(cfg.output_dir)
-    check_output_dir(out, to_dict(cfg), resume, overwrite)
-    cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
-    accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
-                                         grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-                                         deepspeed_config=cfg.distributed.deepspeed_config)
+    run = open_run(cfg, validate, resume, overwrite)
+    cfg, out, accelerator, topo = run.cfg, run.out, run.accelerator, run.topo
 
     # each node's first process goes first, its other ranks then read what it made; across nodes sharing the cache
     # dir, the corpus lock lets one process prepare and makes the other nodes wait for it (and say for whom) —
-    # printed by whichever process prepares or waits, not only by the main one
+    # logged by the main process, which either prepares or waits (trainer/data/cache.py; a take-over: every rank)
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
-        corpora = prepare_corpora(cfg, tokenizer, log=lambda msg: print(msg, flush=True))
+        corpora = prepare_corpora(cfg, tokenizer)
     loading_info: dict = {}
     model = build_model(cfg.model, tokenizer, head="pretraining" if cfg.data.nsp else "mlm", seed=cfg.seed,
                         loading_info=loading_info)
@@ -166,8 +158,6 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     if cfg.data.seq_len > max_positions(model):
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the model's position limit "
                         f"({max_positions(model)} max_position_embeddings)")
-    resume_from = claim_output_dir(accelerator, out, resume, overwrite)
-    save_resolved_config(accelerator, out, to_dict(cfg))
 
     order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
     dataset = PackedDataset(corpora, order)
@@ -206,15 +196,13 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
                                 part=lambda name: HEAD if name in head_names else "encoder",
                                 task_of=(lambda name: HEAD if name in head_names else None) if warmup else None)
     if warmup and not any(g["task"] == HEAD for g in groups):
-        accelerator.print("head warm-up skipped: the model has no trainable head parameters of its own")
+        log.info("head warm-up skipped: the model has no trainable head parameters of its own")
         warmup = 0
-    if accelerator.is_main_process:
-        (out / "param_groups.json").write_text(json.dumps(describe_groups(groups), indent=1))
     gate = None
     if warmup:
         why = (f"train.head_warmup_steps={cfg.train.head_warmup_steps}" if cfg.train.head_warmup_steps >= 0 else
                f"auto: the checkpoint has no weights for {_short_list(missing_head)}")
-        gate = head_warmup_gate(groups, warmup, steps, cfg.train.head_warmup_lr, why, accelerator.print)
+        gate = head_warmup_gate(groups, warmup, steps, cfg.train.head_warmup_lr, why)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
     pooler = dropped_pooler(cfg.model, model)  # read now: a hub cache may be gone by the end of a long run
     fpt = pretraining_flops_per_token(model.config, cfg.data.seq_len, cfg.data.mlm_probability,
@@ -222,10 +210,10 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt, lr_gate=gate, schedule_start=warmup,
                    export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model", pooler))
-    loop_cfg = loop.LoopConfig(out, cfg.seed, cfg.train, cfg.optim, cfg.wandb, to_dict(cfg))
-    finished = loop.run(job, loop_cfg, accelerator, topo, resume_from)
+    finished = train(run, job, groups)
     if finished:
-        accelerator.print(f"metrics: {out / 'metrics.jsonl'}\nHF model: {out / 'hf_model'}")
+        log.info(f"metrics: {out / 'metrics.jsonl'}")
+        log.info(f"HF model: {out / 'hf_model'}")
     return finished
 
 

@@ -1,11 +1,17 @@
-"""The paper's whole pipeline in one command: further pre-train → multi-task → per-task fine-tune (Tables 6-7).
+"""The paper's whole pipeline in one command (Tables 5-7), each stage switchable under `stages`:
 
-Every stage is an ordinary pre-training or fine-tuning run in its own subdir, started with --resume semantics:
-a finished stage (marked by `stage.json`) is skipped, an interrupted one continues from its last checkpoint.
-The recipe ends with `results.json` / `results.md`: test error per task per stage."""
+    FiT (each task from the start model) → further pre-training (ITPT / IDPT / CDPT) → ITPT-FiT (each task from
+    the further pre-trained model) → ITPT-MFiT (all tasks, one shared encoder) → ITPT-MFiT-FiT (each task again
+    from its MFiT model, at a lower lr)
+
+Every stage is an ordinary pre-training or fine-tuning run in its own subdir (fit/, pretrain/, pt_fit/, mfit/,
+mfit_fit/), started with --resume semantics: a finished stage (marked by `stage.json`) is skipped, an interrupted
+one continues from its last checkpoint. The recipe ends with `results.json` / `results.md` (test error per task
+per stage, the paper's numbers beside them) and `results.png` (the same as grouped bars)."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +23,9 @@ from ..config import FinetuneConfig, PretrainConfig, RecipeConfig, build, to_dic
 from ..distributed import init_processes, reset_between_stages, resolve_launch_settings, uses_deepspeed
 from ..errors import UserError
 from . import finetune, pretrain
-from .common import _diff
+from .common import first_difference
+
+log = logging.getLogger(__name__)
 
 DONE = "stage.json"
 STAGE_DIRS = ("fit", "pretrain", "pt_fit", "mfit", "mfit_fit")
@@ -101,9 +109,9 @@ def plan(cfg: RecipeConfig) -> list[Stage]:
 def _check_same_stage(stage: Stage) -> None:
     """A finished stage is reused only if it was run with this stage's model, data and tasks."""
     saved = yaml.safe_load((stage.out / "config.yaml").read_text()) or {}
-    planned = to_dict(resolve_launch_settings(stage.config, log=lambda _: None))  # as the stage saved it
+    planned = to_dict(resolve_launch_settings(stage.config, quiet=True))  # as the stage saved it
     for section in ("model", "data", "tasks", "text", "head"):
-        key = _diff(saved.get(section), planned.get(section), section + ".")
+        key = first_difference(saved.get(section), planned.get(section), section + ".")
         if key:
             raise UserError(f"{stage.out} holds a finished stage whose config key '{key}' differs from this recipe's; "
                             f"use another output_dir or --overwrite")
@@ -125,7 +133,6 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
     stages = plan(cfg)
     out = Path(cfg.output_dir)
     state = init_processes(uses_deepspeed(cfg.distributed.deepspeed_config))
-    log = state.print
     if overwrite:
         if state.is_main_process:
             for name in (*STAGE_DIRS, "results.json", "results.md", "results.png"):
@@ -136,13 +143,13 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
         where = f"[{i}/{len(stages)}] {stage.label}{' · ' + stage.task if stage.task else ''} → {stage.out}"
         if (stage.out / DONE).is_file():
             _check_same_stage(stage)
-            log(f"{where}: done, skipped")
+            log.info(f"{where}: done, skipped")
             continue
-        log(f"{where}")
+        log.info(where)
         finished = stage.runner(stage.config, resume=True)
         reset_between_stages()
         if not finished:
-            log(f"{where}: stopped before the end; run the recipe again to continue it")
+            log.info(f"{where}: stopped before the end; run the recipe again to continue it")
             return False
         if not dist.is_initialized() or dist.get_rank() == 0:
             (stage.out / DONE).write_text(json.dumps({"label": stage.label, "task": stage.task,
@@ -156,7 +163,7 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(out, table, [s.label for s in stages if s.runner is not pretrain.run],
                       random_init=not cfg.model.name_or_path)
-        log((out / "results.md").read_text() + f"figure: {out / 'results.png'}")
+        log.info("\n" + (out / "results.md").read_text() + f"figure: {out / 'results.png'}")
     return True
 
 
