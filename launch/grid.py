@@ -1,27 +1,5 @@
-"""Run a grid of fine-tuning / pre-training / recipe runs and write the paper's tables and figures from them.
-
-python launch/grid.py --config configs/grid/<name>.yaml [key.sub=value ...] [--shard i/n] [--report-only]
-
-Each point is `launch/<stage>.py` with the base config plus its axis values, in <output_dir>/points/<name>;
-finished points are skipped, interrupted ones resumed. Writes <output_dir>/grid_results.jsonl, results.md and PNG
-(+ SVG) figures. --shard i/n runs every n-th point (several machines or a SLURM array: launch/slurm/grid.sbatch).
-"""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.cli import parse_args  # noqa: E402
-from trainer.config import GridConfig  # noqa: E402
-from trainer.errors import cli_entry  # noqa: E402
-
-
-@cli_entry
-def main():
-    args, cfg = parse_args(GridConfig, __doc__, grid=True)
-    from trainer import grid
-    grid.run(cfg, grid.parse_shard(args.shard), report_only=args.report_only)
-
+"""`python -m trainer.entry.grid` as a script: `python launch/grid.py …` (or under `accelerate launch`)."""
+from trainer.entry.grid import main
 
 if __name__ == "__main__":
     main()

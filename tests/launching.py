@@ -24,16 +24,22 @@ def env(cache: Path) -> dict:
     return e
 
 
+def entry(script: str) -> list[str]:
+    """`launch/<script>` (a `.py` name: the shim users type) or a module of the package (`trainer.entry.finetune`),
+    as the arguments of `python` or `accelerate launch`."""
+    return [str(REPO / "launch" / script)] if script.endswith(".py") else ["-m", script]
+
+
 def accelerate_cmd(setup: str | None, script: str, config: str, out: Path, *overrides: str, flags=(),
                    launcher_args=()) -> list[str]:
     if setup is None:  # one plain process, no launcher
-        head = [sys.executable, str(REPO / "launch" / script)]
+        head = [sys.executable, *entry(script)]
     else:
         head = [sys.executable, "-m", "accelerate.commands.launch",
                 "--config_file", str(REPO / "launch" / "accelerate" / f"{setup}.yaml"), *launcher_args]
         if "--main_process_port" not in launcher_args:
             head += ["--main_process_port", str(free_port())]
-        head.append(str(REPO / "launch" / script))
+        head += entry(script)
     return [*head, "--config", str(REPO / config), f"output_dir={out}", *overrides, *flags]
 
 
@@ -52,3 +58,14 @@ def metrics(out: Path) -> list[dict]:
 
 def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+
+
+def log_messages(stdout: str) -> list[str]:
+    """The messages of a run's job log: each line is `date time LEVEL [rank r] logger: message` (trainer/logs.py);
+    other lines (DeepSpeed's, the progress bar) are left out."""
+    found = []
+    for line in stdout.splitlines():
+        head, sep, rest = line.partition("] ")
+        if sep and " [rank " in head and ": " in rest:
+            found.append(rest.split(": ", 1)[1])
+    return found

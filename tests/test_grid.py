@@ -170,3 +170,17 @@ def test_labels_name_axis_values_in_tables_and_figures(tmp_path):
     assert "| FiT | 30.00 | 30.00 | 1 |" in table and "| ITPT-FiT | 20.00 | 20.00 | 1 |" in table
     assert "/a/long/path" not in table and "Lowest test error: model.name_or_path=ITPT-FiT" in table
     assert is_png(tmp_path / "generic.png")
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in (REPO / "docs" / "results").iterdir() if p.is_dir()))
+def test_published_results_redraw_identically_from_their_grid_results(tmp_path, study):
+    """docs/results/<study> holds no run dirs: `--report-only` on a copy of its grid_results.jsonl keeps every
+    record (the file is not emptied) and writes the same results.md, byte for byte, and its figures."""
+    src = REPO / "docs" / "results" / study
+    (tmp_path / grid.GRID_RESULTS).write_bytes((src / grid.GRID_RESULTS).read_bytes())
+    cfg = load(GridConfig, str(src / "grid.yaml"), [f"output_dir={tmp_path}"])
+    grid.run(cfg, report_only=True)
+    assert (tmp_path / grid.GRID_RESULTS).read_bytes() == (src / grid.GRID_RESULTS).read_bytes()
+    assert (tmp_path / "results.md").read_text() == (src / "results.md").read_text()
+    for figure in src.glob("*.png"):
+        assert (tmp_path / figure.name).stat().st_size > 0, figure.name

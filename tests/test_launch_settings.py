@@ -8,9 +8,18 @@ import sys
 import pytest
 
 from conftest import repo_root
+import log_lines
 from trainer.config import FinetuneConfig, ModelConfig, build
 from trainer.distributed import _deepspeed_dict, resolve_launch_settings
 from trainer.errors import UserError
+
+
+@pytest.fixture
+def logged():
+    """The job log's messages (tests/log_lines.py) while the test runs."""
+    with log_lines.logged() as lines:
+        yield lines
+
 
 LAUNCHER_VARS = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
                  "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
@@ -29,23 +38,24 @@ def _cfg(**sections):
 
 
 def test_defaults_without_launcher_settings(launcher):
-    cfg = resolve_launch_settings(_cfg(), log=lambda _: None)
+    cfg = resolve_launch_settings(_cfg())
     assert (cfg.model.precision, cfg.train.grad_accum, cfg.train.max_grad_norm) == ("fp32", 1, 1.0)
 
 
-def test_launcher_settings_are_adopted_and_logged(launcher):
+def test_launcher_settings_are_adopted_and_logged(launcher, logged):
     launcher.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     launcher.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     launcher.setenv("ACCELERATE_GRADIENT_CLIPPING", "0.5")
-    said = []
-    cfg = resolve_launch_settings(_cfg(), log=said.append)
+    cfg = resolve_launch_settings(_cfg())
     assert (cfg.model.precision, cfg.train.grad_accum, cfg.train.max_grad_norm) == ("bf16", 4, 0.5)
-    assert len(said) == 3 and "mixed_precision" in said[0]
+    assert len(logged) == 3 and "mixed_precision" in logged[0]
+    logged.clear()
+    assert resolve_launch_settings(_cfg(), quiet=True) == cfg and logged == []  # recomputed for a check
 
 
 def test_accelerate_default_no_is_not_a_contradiction(launcher):
     launcher.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch sets when nothing was asked
-    assert resolve_launch_settings(_cfg(model={"precision": "bf16"}), log=print).model.precision == "bf16"
+    assert resolve_launch_settings(_cfg(model={"precision": "bf16"})).model.precision == "bf16"
 
 
 @pytest.mark.parametrize("var,value,section", [
@@ -56,13 +66,13 @@ def test_accelerate_default_no_is_not_a_contradiction(launcher):
 def test_contradiction_is_refused_in_one_line(launcher, var, value, section):
     launcher.setenv(var, value)
     with pytest.raises(UserError, match="contradicts") as err:
-        resolve_launch_settings(_cfg(**section), log=print)
+        resolve_launch_settings(_cfg(**section))
     assert "\n" not in str(err.value)
 
 
 def test_agreeing_settings_pass(launcher):
     launcher.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
-    assert resolve_launch_settings(_cfg(train={"grad_accum": 2}), log=print).train.grad_accum == 2
+    assert resolve_launch_settings(_cfg(train={"grad_accum": 2})).train.grad_accum == 2
 
 
 def test_deepspeed_without_json_takes_stage_and_offload_from_accelerate(launcher):
@@ -123,7 +133,7 @@ def test_fp16_without_gpu_is_refused():
 def saved_bert(tmp_path_factory):
     """A tiny 'pretrained' BERT saved with its own tokenizer, and a second, different tokenizer."""
     from transformers import BertConfig, BertForMaskedLM
-    from trainer.corpus.builtin import builtin_tokenizer_dir
+    from trainer.data.builtin import builtin_tokenizer_dir
     cache = tmp_path_factory.mktemp("tok")
     own = builtin_tokenizer_dir(cache, "grammar", 600)
     other = builtin_tokenizer_dir(cache, "grammar", 300)
@@ -166,7 +176,7 @@ def test_model_config_overrides_a_pretrained_config_or_is_refused(saved_bert):
         build_model(ModelConfig(name_or_path=path, config={"hidden_size": 64}), tok)
 
 
-def test_attention_auto_falls_back_to_eager_with_a_line_explicit_sdpa_is_refused(capsys):
+def test_attention_auto_falls_back_to_eager_with_a_line_explicit_sdpa_is_refused(logged):
     from trainer.model import instantiate
 
     def deberta(attn):
@@ -177,7 +187,7 @@ def test_attention_auto_falls_back_to_eager_with_a_line_explicit_sdpa_is_refused
 
     model = instantiate(deberta, ModelConfig(attn_implementation="auto"), "deberta-v2")
     assert model.config._attn_implementation == "eager"
-    assert "using eager" in capsys.readouterr().out
+    assert any("using eager" in line for line in logged)
     with pytest.raises(UserError, match="cannot load deberta-v2"):
         instantiate(deberta, ModelConfig(attn_implementation="sdpa"), "deberta-v2")
 

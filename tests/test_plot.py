@@ -11,8 +11,17 @@ from pathlib import Path
 import pytest
 
 from conftest import repo_root
+import log_lines
 from launching import run
 from trainer import plot
+
+
+@pytest.fixture
+def logged():
+    """The job log's messages (tests/log_lines.py) while the test runs."""
+    with log_lines.logged() as lines:
+        yield lines
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -97,13 +106,12 @@ def test_cli_redraws_one_run_and_overlays_several(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
 
 
-def test_failure_to_plot_is_one_line_never_an_exception(tmp_path):
-    said = []
-    assert plot.write_curves(tmp_path / "empty", log=said.append) is None
+def test_failure_to_plot_is_one_line_never_an_exception(tmp_path, logged):
+    assert plot.write_curves(tmp_path / "empty") is None
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "metrics.jsonl").write_text("not json\n")
-    assert plot.write_curves(tmp_path / "garbage", log=said.append) is None
-    assert len(said) == 2 and all(s.startswith("curves: not drawn") and "\n" not in s for s in said)
+    assert plot.write_curves(tmp_path / "garbage") is None
+    assert len(logged) == 2 and all(s.startswith("curves: not drawn") and "\n" not in s for s in logged)
 
 
 @pytest.mark.parametrize("tasks", [("default",), ("a", "b", "c")])

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from launching import REPO, accelerate_cmd, env, metrics, run
+from launching import REPO, accelerate_cmd, env, log_messages, metrics, run
 from trainer.checkpoint import is_complete
 
 
@@ -51,7 +51,7 @@ def test_same_size_corruption_falls_back_to_the_previous_checkpoint(tmp_path, ca
     warnings = [ln for ln in log if "incomplete or corrupted" in ln]
     assert len(warnings) == 2, warnings
     assert "step_00000006" in warnings[0] and "step_00000004" in warnings[1]
-    resumed = [ln for ln in log if ln.startswith("resumed from")]
+    resumed = [m for m in log_messages(proc.stdout) if m.startswith("resumed from")]
     assert len(resumed) == 1 and "step_00000002 at step 2 " in resumed[0], resumed
     assert [r["step"] for r in metrics(out)] == list(range(1, 9))
     assert json.loads((ckpts / "step_00000008" / "trainer_state.json").read_text())["step"] == 8
@@ -96,7 +96,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, cache):
     assert proc.returncode == 0, stderr[-3000:]
     for p in ranks.values():
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    stops = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step")]
+    stops = [m for m in log_messages(stdout) if m.startswith("stopped at step")]
     assert len(stops) == 1, stdout[-2000:]
     assert "(signal on another rank)" in stops[0]  # rank 0 prints it, and it got no signal itself
     ckpts = sorted((out / "checkpoints").glob("step_*"))

@@ -1,7 +1,6 @@
-"""Tests for the SLURM launch template (launch/slurm/)."""
+"""Tests for the SLURM launch template (launch/slurm/, trainer/entry/node_command.py)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
@@ -11,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from trainer.entry import node_command
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "launch" / "slurm" / "node_command.py"
+SCRIPT = REPO / "launch" / "slurm" / "node_command.py"  # the shim users type; `-m trainer.entry.node_command`
 SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("slurm_node_command", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-node_command = _load_module()
 
 
 def _clean_env(**slurm):
@@ -40,7 +31,7 @@ def _run(args, **slurm):
 
 TWO_BY_FOUR = dict(SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
                    SLURM_NODEID="0", SLURM_GPUS_ON_NODE="4")
-SCRIPT_ARGS = ["launch/pretrain.py", "--config", "configs/pretrain/my run.yaml", "--resume"]
+SCRIPT_ARGS = ["-m", "trainer.entry.pretrain", "--config", "configs/pretrain/my run.yaml", "--resume"]
 
 
 def _flag(tokens, name):
@@ -164,7 +155,7 @@ def test_exec_runs_the_command_for_this_node(tmp_path):
                           env=_clean_env(**env), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
-    assert out[0].startswith("node 1 (gpu08): accelerate launch ")
+    assert "INFO" in out[0] and "node 1 (gpu08): accelerate launch " in out[0]  # a job-log line, then the exec
     argv = out[1:]
     assert argv[0] == "launch"
     assert _flag(argv, "--machine_rank") == "1"
@@ -220,7 +211,8 @@ def test_sbatch_template_contents():
                       "--requeue", "--signal=B:USR1@180"):
         assert f"#SBATCH {directive}" in text
     assert "srun --kill-on-bad-exit=1" in text
-    assert "launch/slurm/node_command.py" in text
+    assert "python -m trainer.entry.supervise python -m trainer.entry.node_command -- \\\n" \
+           "    -m trainer.entry.pretrain " in text
     assert "trap " in text and "scontrol requeue" in text
     # sbatch stops reading directives at the first command line.
     lines = [l.strip() for l in text.splitlines() if l.strip()]

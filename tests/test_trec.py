@@ -15,7 +15,7 @@ TREC = shared_data() / "trec"
 
 @pytest.mark.skipif(not (TREC / "train.jsonl").is_file(), reason="../shared/data/trec is not present")
 def test_trec_trains_and_evaluates(tmp_path):
-    from trainer.corpus.builtin import train_wordpiece_tokenizer
+    from trainer.data.builtin import train_wordpiece_tokenizer
     texts = [json.loads(line)["text"] for line in (TREC / "train.jsonl").read_text().splitlines()]
     tok_dir = train_wordpiece_tokenizer(texts, 3000, tmp_path / "tokenizer")
     out = tmp_path / "run"

@@ -1,8 +1,10 @@
 """Grid runner: a base run config × axes (any config key) × seeds; each point its own run, then the paper's tables
 and figures from all of them (`grid_report.py`).
 
-A point is an ordinary `launch/<stage>.py` run in `<output_dir>/points/<name>` — as a subprocess (plain python,
-or `accelerate launch --config_file <launcher>`), so points are isolated from each other and from this process.
+A point is an ordinary run of the stage's entry point (`python -m trainer.entry.<stage>`, or `accelerate launch
+--config_file <launcher> -m trainer.entry.<stage>`) in `<output_dir>/points/<name>`, as a subprocess in this
+process's working directory, so points are isolated from each other and from this process — and found wherever
+the package is installed.
 Resumable: a finished point (its results file exists) is skipped; an interrupted one (a checkpoint, no results)
 continues with --resume; a point dir holding neither is started again. Shardable: `--shard i/n` runs every n-th
 point from the i-th (machines or a SLURM array share the output dir); every shard then collects whatever points
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,11 +30,15 @@ from .config import FinetuneConfig, GridConfig, PretrainConfig, RecipeConfig, lo
 from .errors import UserError
 from .grid_report import TITLES, write_report
 
+# the source checkout when the package runs from one (an editable install): its configs/ and launch/accelerate/
+# are then found from any working directory; otherwise only paths relative to the working directory are
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "recipe": RecipeConfig}
 RESULTS = {"finetune": "eval_results.json", "pretrain": "hf_model", "recipe": "results.json"}
 POINT_FILE = "grid_point.json"
 GRID_RESULTS = "grid_results.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,12 +147,12 @@ def _state(cfg: GridConfig, p: Point) -> str:
 
 
 def command(cfg: GridConfig, p: Point, state: str) -> list[str]:
-    script = str(REPO / "launch" / f"{cfg.stage}.py")
+    module = f"trainer.entry.{cfg.stage}"
     if cfg.launcher:
         launcher = cfg.launcher if Path(cfg.launcher).is_file() else str(REPO / cfg.launcher)
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, script]
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, "-m", module]
     else:
-        prefix = [sys.executable, script]
+        prefix = [sys.executable, "-m", module]
     flags = {"interrupted": ["--resume"] if cfg.stage != "recipe" else [], "fresh": ["--overwrite"]}[state]
     wandb = []
     if cfg.wandb.mode != "disabled":  # the points of a grid are one wandb group
@@ -156,7 +163,7 @@ def command(cfg: GridConfig, p: Point, state: str) -> list[str]:
     return [*prefix, "--config", str(base_path(cfg)), *flags, *common, *p.overrides(), *wandb, f"output_dir={p.out}"]
 
 
-def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = False, log=print) -> bool:
+def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = False) -> bool:
     """Run this shard's unfinished points, then collect every finished point and write the report.
     True when the whole grid has finished."""
     normalise(cfg)
@@ -170,37 +177,37 @@ def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = Fa
     mine = [p for p in grid if p.index % n == i]
     failed = []
     if not report_only:
-        log(f"grid {out}: {len(grid)} points ({len(cfg.axes)} axes × {len(cfg.seeds)} seeds); shard {i}/{n}: "
-            f"{len(mine)} points")
+        log.info(f"grid {out}: {len(grid)} points ({len(cfg.axes)} axes × {len(cfg.seeds)} seeds); shard {i}/{n}: "
+                 f"{len(mine)} points")
         for k, p in enumerate(mine, 1):
             state = _state(cfg, p)
             if state == "finished":
-                log(f"[{k}/{len(mine)}] {p.name}: finished, skipped")
+                log.info(f"[{k}/{len(mine)}] {p.name}: finished, skipped")
                 continue
             p.out.mkdir(parents=True, exist_ok=True)
             (p.out / POINT_FILE).write_text(json.dumps({"params": p.params, "stage": cfg.stage}, indent=1))
             cmd = command(cfg, p, state)
-            log(f"[{k}/{len(mine)}] {p.name}: {'resuming' if state == 'interrupted' else 'running'} "
-                f"(log: {p.out / 'grid.log'})")
+            log.info(f"[{k}/{len(mine)}] {p.name}: {'resuming' if state == 'interrupted' else 'running'} "
+                     f"(log: {p.out / 'grid.log'})")
             t0 = time.time()
             with open(p.out / "grid.log", "a") as f:
                 f.write(f"$ {' '.join(cmd)}\n")
                 f.flush()
-                rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
             if rc != 0:
                 tail = (p.out / "grid.log").read_text().strip().splitlines()[-1:] or [""]
-                log(f"    failed (exit {rc}): {tail[0]}")
+                log.warning(f"    failed (exit {rc}): {tail[0]}")
                 failed.append(p.name)
             else:
-                log(f"    done in {time.time() - t0:.0f}s")
+                log.info(f"    done in {time.time() - t0:.0f}s")
     rows = collect(cfg, grid)
     with open(out / f".{GRID_RESULTS}.tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(out / f".{GRID_RESULTS}.tmp", out / GRID_RESULTS)
     written = write_report(cfg, rows, out)
-    log(f"{len(rows)}/{len(grid)} points finished → {out / GRID_RESULTS}" +
-        "".join(f"\n  {w}" for w in written))
+    log.info(f"{len(rows)}/{len(grid)} points finished → {out / GRID_RESULTS}" +
+             "".join(f"\n  {w}" for w in written))
     if failed:
         raise UserError(f"{len(failed)} grid point(s) failed: {', '.join(failed)} (see their grid.log); run the grid "
                         f"again to retry them")
@@ -208,9 +215,17 @@ def run(cfg: GridConfig, shard: tuple[int, int] = (0, 1), report_only: bool = Fa
 
 
 def collect(cfg: GridConfig, grid: list[Point]) -> list[dict]:
-    """One record per finished point: its params, the dev/test metrics and (fine-tuning) the dev curve."""
-    rows = []
+    """One record per finished point: its params, the dev/test metrics and (fine-tuning) the dev curve.
+
+    A point whose run dir is gone keeps its record from the grid's existing `grid_results.jsonl` (same params):
+    a results folder copied without its runs (e.g. docs/results/) redraws from that file, and is not emptied."""
+    rows, kept = [], 0
+    previous = {r.get("point"): r for r in _records(Path(cfg.output_dir) / GRID_RESULTS)}
     for p in grid:
+        if not p.out.exists() and previous.get(p.name, {}).get("params") == p.params:
+            rows.append(previous[p.name])
+            kept += 1
+            continue
         if _state(cfg, p) != "finished":
             continue
         row = {"point": p.name, "params": p.params, "seed": p.params["seed"]}
@@ -228,6 +243,8 @@ def collect(cfg: GridConfig, grid: list[Point]) -> list[dict]:
             losses = [r for r in _records(p.out / "metrics.jsonl") if "loss" in r]
             row["final_loss"] = losses[-1]["loss"] if losses else None
         rows.append(row)
+    if kept:
+        log.info(f"{kept} point(s) without a run dir taken from the existing {GRID_RESULTS}")
     return rows
 
 

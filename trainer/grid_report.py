@@ -149,7 +149,7 @@ def _table(cfg, study, axes, by, rows) -> str:
 
 
 def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
-    from .plot import _figure, _save
+    from .plot import new_figure, save_figure
     written = []
     show = namer(cfg)
 
@@ -157,12 +157,12 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         return _x(show(key, _key(params[key])))
 
     def subplots(figsize):
-        fig, (ax,) = _figure(1, figsize)
+        fig, (ax,) = new_figure(1, figsize)
         return fig, ax
 
     def save(fig, name):
         fig.tight_layout()
-        _save(fig, out / f"{name}.png", svg=True)
+        save_figure(fig, out / f"{name}.png", svg=True)
         written.append(str(out / f"{name}.png"))
 
     # a recipe's results.json holds test errors; fine-tuning points have test_error when a test split was given

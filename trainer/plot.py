@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .errors import EXIT_USER_ERROR, UserError
 
@@ -27,6 +28,8 @@ DPI = 110
 _PANEL = (5.4, 3.9)  # inches per panel: readable at dpi 110 side by side
 _STYLES = ("-", "--", "-.", ":")
 _MAX_LABEL = 42  # characters of a param-group label before its parts are abbreviated
+
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -88,7 +91,7 @@ def group_labels(run_dir: Path, count: int) -> list[str]:
     return labels
 
 
-def _figure(panels: int, size: tuple):
+def new_figure(panels: int, size: tuple):
     """A standalone Agg figure with `panels` axes side by side. No pyplot: no global figure registry (nothing to
     leak or close in a long-lived process), no backend selection that could reach for a display on a cluster
     node, and a faster import at the end of every run."""
@@ -134,7 +137,7 @@ def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
     out = Path(out) if out else run_dir / CURVES
     dev_lines = _dev_metric_lines(dev)
     panels = 2 + bool(dev_lines)
-    fig, axes = _figure(panels, (_PANEL[0] * panels, _PANEL[1]))
+    fig, axes = new_figure(panels, (_PANEL[0] * panels, _PANEL[1]))
     steps = [r["step"] for r in train]
 
     ax = axes[0]
@@ -182,7 +185,7 @@ def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
     _integer_steps(axes)
     fig.suptitle(_run_title(run_dir, train), fontsize=10)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 
@@ -204,7 +207,7 @@ def _run_title(run_dir: Path, train: list[dict]) -> str:
     return f"{name} — " + " · ".join(facts)
 
 
-def _save(fig, out: Path, svg: bool = False) -> None:
+def save_figure(fig, out: Path, svg: bool = False) -> None:
     """Written under a temporary name and renamed: a reader (or a kill) never sees half a PNG. svg: an SVG beside,
     byte-identical for the same figure (no date, fixed id salt), so redrawn results do not churn in git."""
     import matplotlib
@@ -225,7 +228,7 @@ def plot_results_table(table: dict, columns: list, out: Path, title: str, sd: Op
     `sd` (same shape as `table`): error bars — a grid's mean ± sd over seeds — instead of value labels. The
     paper's BERT-base number is a ★ wherever it has the task and stage (`paper.stage_error`)."""
     from .paper import stage_error
-    fig, (ax,) = _figure(1, (max(6.0, 1.6 * len(table) + 2), 4.2))
+    fig, (ax,) = new_figure(1, (max(6.0, 1.6 * len(table) + 2), 4.2))
     width = 0.8 / max(1, len(columns))
     starred = False
     for k, col in enumerate(columns):
@@ -245,7 +248,7 @@ def plot_results_table(table: dict, columns: list, out: Path, title: str, sd: Op
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out, svg=svg)
+    save_figure(fig, out, svg=svg)
     return out
 
 
@@ -272,7 +275,7 @@ def plot_overlay(run_dirs: Sequence[Path], out: Path) -> Path:
     labels = run_labels(run_dirs)
     has_dev = any(dev for _, dev in runs)
     panels = 1 + has_dev
-    fig, axes = _figure(panels, (_PANEL[0] * panels + 0.6, _PANEL[1] + 0.3))
+    fig, axes = new_figure(panels, (_PANEL[0] * panels + 0.6, _PANEL[1] + 0.3))
     from matplotlib import rcParams
     colors = rcParams["axes.prop_cycle"].by_key().get("color", [None])
     for i, ((train, dev), label) in enumerate(zip(runs, labels)):
@@ -297,20 +300,21 @@ def plot_overlay(run_dirs: Sequence[Path], out: Path) -> Path:
     fig.suptitle(f"{len(runs)} runs", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 
-def write_curves(run_dir: Path, log: Callable[[str], None] = print) -> Optional[Path]:
-    """`plot_run` for the end of a finished training run (main process): the path, or None after one log line —
-    a missing matplotlib, a full disk or an odd metrics file must never fail a run whose model is already saved."""
+def write_curves(run_dir: Path) -> Optional[Path]:
+    """`plot_run` for the end of a finished training run (main process): the path, or None after one warning in
+    the job log — a missing matplotlib, a full disk or an odd metrics file must never fail a run whose model is
+    already saved."""
     try:
         out = plot_run(run_dir)
     except Exception as exc:  # noqa: BLE001 — by design: a figure is never worth a failed run
         first = (str(exc).splitlines() or [""])[0]
-        log(f"curves: not drawn ({type(exc).__name__}: {first})")
+        log.warning(f"curves: not drawn ({type(exc).__name__}: {first})")
         return None
-    log(f"curves: {out}")
+    log.info(f"curves: {out}")
     return out
 
 
@@ -329,7 +333,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(out)
+    print(out)  # the command's result (the file written), not a job-log line: stays a plain print
     return 0
 
 
