@@ -3,7 +3,6 @@ schedule, the LRs really reaching the optimizer shards, and hierarchical pooling
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_data import save_tiny_bert
-from launching import REPO, metrics, run
+from launching import metrics, run
 
 XI, LR, LAYERS, STEPS = 0.8, 1e-3, 4, 6
 FT = dict(script="finetune.py", config="configs/finetune/tiny.yaml")

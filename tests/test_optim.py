@@ -1,7 +1,6 @@
 """LR schedules (vs transformers' reference implementations) and weight-decay parameter groups."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

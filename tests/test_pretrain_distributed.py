@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from launching import REPO, accelerate_cmd, env, free_port, metrics, run
