@@ -36,7 +36,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    from trainer.corpus.builtin import builtin_tokenizer_dir
+    from trainer.data.builtin import builtin_tokenizer_dir
     return builtin_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"), "grammar", 1000)
 
 
@@ -51,3 +51,15 @@ def corpus_cache(tmp_path) -> Path:
     path = tmp_path / "corpus-cache"
     path.mkdir()
     return path
+
+
+_SLOW = {line.strip() for line in (Path(__file__).parent / "slow.txt").read_text().splitlines()
+         if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the measured-slow tests (tests/slow.txt: real multi-rank runs, end-to-end stages) `slow`, and every
+    test of tests/test_matrix.py; `-m "not slow"` is the fast lane."""
+    for item in items:
+        if item.nodeid in _SLOW or item.nodeid.startswith("tests/test_matrix.py"):
+            item.add_marker(pytest.mark.slow)
