@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -64,9 +64,10 @@ def tokenizer_spec(prefer_real: bool = True) -> tuple[str, str]:
 
 def load_tokenizer(spec: str, vocab_size: int = 1000):
     """Load a tokenizer exactly as the trainer does (`trainer.model.load_tokenizer`)."""
+    import trainer.model
     from trainer.config import ModelConfig
-    from trainer.model import load_tokenizer as _load
-    return _load(ModelConfig(tokenizer=spec, tokenizer_vocab_size=vocab_size), "grammar", cache_dir())
+    cfg = ModelConfig(tokenizer=spec, tokenizer_vocab_size=vocab_size)
+    return trainer.model.load_tokenizer(cfg, "grammar", cache_dir())
 
 
 def check_data() -> None:
@@ -106,6 +107,36 @@ def write_jsonl_of_size(target_bytes: int, path: Path) -> tuple[int, int]:
             docs += 1
             size += len(t.encode("utf-8"))
     return docs, size
+
+
+def child_env(threads: int, base: Optional[dict] = None) -> dict:
+    """The environment of a measured subprocess: `threads` OMP/MKL threads, wandb off, unbuffered output, and none
+    of a surrounding launcher's rank variables."""
+    env = dict(os.environ if base is None else base, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    return env
+
+
+def pretrain_batches(cfg):
+    """(tokenizer, prepared corpora, GlobalOrder, DataLoader of rank 0 of 1): the pre-training stage's own pipeline
+    (trainer/stages/pretrain.py: prepare_corpus → GlobalOrder → PackedDataset → RankBatches → MLMCollator)."""
+    import torch
+    from trainer.corpus.masking import MLMCollator
+    from trainer.corpus.reader import GlobalOrder, PackedDataset, RankBatches
+    from trainer.model import load_tokenizer
+    from trainer.stages.pretrain import builtin_tokenizer_cache, prepare_corpora
+    tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
+    corpora = prepare_corpora(cfg, tokenizer)
+    order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
+    dataset = PackedDataset(corpora, order)
+    collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
+                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatches(0, 0, 1, cfg.train.micro_batch_size),
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                                         num_workers=0)
+    return tokenizer, corpora, order, loader
 
 
 WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
@@ -152,10 +183,7 @@ def peak_rss(cmd: list[str], cwd: Path = REPO, threads: int = 1, gnu_time: bool 
     """Run `cmd` (a trainer, one process or a launcher) and measure its peak RSS: ru_maxrss of the child
     (`/usr/bin/time -v`, else a getrusage wrapper) and psutil polling of the whole process tree (Σ RSS and
     Σ anonymous RSS, which tells heap growth from memory-mapped file pages). Exits on failure."""
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               WANDB_MODE="disabled")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(k, None)
+    env = child_env(threads, env)
     use_time = os.access("/usr/bin/time", os.X_OK) and gnu_time
     wrap = ["/usr/bin/time", "-v"] if use_time else [sys.executable, "-c", WRAPPER]
     t0 = time.perf_counter()
@@ -270,9 +298,3 @@ def header(title: str) -> None:
 
 def median(xs):
     return statistics.median(xs)
-
-
-def iter_chunks(it, size: int) -> Iterator[list]:
-    it = iter(it)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk

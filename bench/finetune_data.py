@@ -95,7 +95,7 @@ def cmd_rss(args, tmp: Path, tok: str) -> None:
 
 def cmd_prep(args, tmp: Path, tok_spec: str) -> None:
     from trainer.config import ClassificationDataConfig
-    from trainer.text.data import read_split
+    from trainer.text.tasks import read_split
     data = generate(args.docs, tmp / "docs.jsonl")
     tok = C.load_tokenizer(tok_spec)
     texts = [json.loads(line)["text"] for line in open(data)]
@@ -113,8 +113,7 @@ def cmd_prep(args, tmp: Path, tok_spec: str) -> None:
         for r in range(2):
             cache = tmp / f"cache_{num_proc}_{r}"
             t0 = time.perf_counter()
-            store = read_split(str(data), ClassificationDataConfig(num_proc=num_proc), "train", tok, cache,
-                               log=lambda *a: None)
+            store = read_split(str(data), ClassificationDataConfig(num_proc=num_proc), "train", tok, cache)
             best = max(best, sum(store.meta["pieces"]) / (time.perf_counter() - t0))
             shutil.rmtree(cache)
         results[num_proc] = best

@@ -4,7 +4,7 @@ Figure: tokens/s of `trainer.corpus.prepare.prepare_corpus` (read jsonl → toke
 cache dir each run) on the first N IMDb unsup reviews, divided by tokens/s of the bare fast tokenizer
 (`tokenizer(batch, add_special_tokens=False)` over the same texts, already in memory, in batches of the
 same size as prepare's). Goal: ratio >= 0.8. Each side runs --repeats times (alternating); the best run counts.
-Also shown: the raw tokenizer called exactly as prepare calls it (its `_encode`: ids only), a like-for-like bound.
+Also shown: the raw tokenizer called exactly as prepare calls it (ids only, its flags), a like-for-like bound.
 
     python bench/prep_throughput.py [--docs 10000] [--repeats 2] [--num-proc 1] [--tokenizer auto|builtin]
 """
@@ -22,13 +22,13 @@ GOAL = 0.8
 
 
 def raw_encode(tok, texts: list[str], batch_size: int, like_prepare: bool = False) -> tuple[int, float, float]:
-    """like_prepare: encode with prepare's own call (trainer.corpus.prepare._encode: ids only, same flags)."""
-    from trainer.corpus.prepare import _encode
+    """like_prepare: the call trainer/data/tokenize_pool.py makes (ids only, the same flags)."""
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(texts), batch_size):
         if like_prepare:
-            ids = _encode(tok, texts[i:i + batch_size])
+            ids = tok(texts[i:i + batch_size], add_special_tokens=False, return_attention_mask=False,
+                      split_special_tokens=True, return_token_type_ids=False, verbose=False)["input_ids"]
         else:
             ids = tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
         n += sum(len(x) for x in ids)
@@ -41,7 +41,7 @@ def prepare_once(tok, jsonl: Path, seq_len: int, num_proc: int) -> tuple[int, fl
     cache = Path(tempfile.mkdtemp(prefix="prep-bench-", dir=C.cache_dir()))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        corpus = prepare_corpus(CorpusSource(path=str(jsonl)), tok, seq_len, cache, num_proc, log=lambda *a: None)
+        corpus = prepare_corpus(CorpusSource(path=str(jsonl)), tok, seq_len, cache, num_proc)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         return corpus.meta["doc_tokens"], dt, cpu, corpus.meta
     finally:
@@ -82,7 +82,7 @@ def main():
                     note = f"({meta['rows']:,} rows)"
                 else:
                     n, dt, cpu = raw_encode(tok, texts, DOCS_PER_BATCH, like_prepare=key == "like")
-                    note = "(prepare's own _encode call: ids only, its flags)" if key == "like" else ""
+                    note = "(prepare's call: ids only, its flags)" if key == "like" else ""
                 tokens[key] = n
                 best[key] = max(best[key], n / dt)
                 cpu_best[key] = max(cpu_best[key], n / cpu)

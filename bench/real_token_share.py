@@ -24,10 +24,6 @@ def epoch_share(corpus_path: str, tokenizer_spec: str, seq_len: int, micro_batch
                 vocab_size: int) -> dict:
     import torch
     from trainer.config import PretrainConfig, build
-    from trainer.corpus.masking import MLMCollator
-    from trainer.corpus.reader import GlobalOrder, PackedDataset, RankBatches
-    from trainer.model import load_tokenizer
-    from trainer.stages.pretrain import _builtin_name, prepare_corpora
 
     cfg = build(PretrainConfig, {
         "seed": seed,
@@ -35,16 +31,7 @@ def epoch_share(corpus_path: str, tokenizer_spec: str, seq_len: int, micro_batch
         "data": {"corpora": [{"path": corpus_path}], "seq_len": seq_len, "num_workers": 0},
         "train": {"micro_batch_size": micro_batch},
     })
-    # the stage's own steps (trainer/stages/pretrain.py: run)
-    tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
-    corpora = prepare_corpora(cfg, tokenizer, log=lambda *a: None)
-    order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
-    dataset = PackedDataset(corpora, order)
-    collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
-                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
-    sampler = RankBatches(0, 0, 1, cfg.train.micro_batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=0)
+    tokenizer, corpora, order, loader = C.pretrain_batches(cfg)  # the stage's own steps
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     real = total = doc_tokens = samples = batches = 0
     masked = 0

@@ -83,8 +83,7 @@ def main():
             path = tmp / f"imdb_{mb:g}MB.jsonl"
             docs, nbytes = C.write_jsonl_of_size(int(mb * 1e6), path)
             t0 = time.perf_counter()
-            pc = prepare_corpus(CorpusSource(path=str(path)), tok, args.seq_len, C.cache_dir(), args.prep_num_proc,
-                                log=lambda *a: None)
+            pc = prepare_corpus(CorpusSource(path=str(path)), tok, args.seq_len, C.cache_dir(), args.prep_num_proc)
             shard_bytes = sum(p.stat().st_size for p, _ in pc.shards())
             print(f"corpus {mb:g} MB: {docs:,} docs, {nbytes / 1e6:.1f} MB text, {pc.meta['doc_tokens']:,} tokens -> "
                   f"{pc.rows:,} rows, {shard_bytes / 1e6:.1f} MB of shards (prepared in "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -47,20 +46,7 @@ def load_cfg(args, output_dir: str = "unused"):
 
 def make_batches(cfg, n: int):
     """The first n micro-batches of rank 0 of 1, built as trainer/stages/pretrain.py builds them."""
-    import torch
-    from trainer.corpus.masking import MLMCollator
-    from trainer.corpus.reader import GlobalOrder, PackedDataset, RankBatches
-    from trainer.model import load_tokenizer
-    from trainer.stages.pretrain import _builtin_name, prepare_corpora
-    tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
-    corpora = prepare_corpora(cfg, tokenizer, log=lambda *a: None)
-    order = GlobalOrder(corpora, [s.weight for s in cfg.data.corpora], cfg.seed)
-    dataset = PackedDataset(corpora, order)
-    collate = MLMCollator(tokenizer, cfg.seed, cfg.data.mlm_probability, cfg.data.whole_word_mask,
-                          cfg.data.max_predictions, cfg.data.nsp, partner=dataset.partner_row)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=RankBatches(0, 0, 1, cfg.train.micro_batch_size),
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                                         num_workers=0)
+    tokenizer, _, _, loader = C.pretrain_batches(cfg)
     out = []
     for batch in loader:
         batch.pop("positions")
@@ -75,11 +61,11 @@ def bare_worker(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     from trainer.model import build_model, load_tokenizer
-    from trainer.stages.pretrain import _builtin_name
+    from trainer.stages.pretrain import builtin_tokenizer_cache
     cfg = load_cfg(args)
     # same order as the stage: tokenizer, model, then batches (the allocation history alone moves CPU step
     # time by ~3-4 %: materialising the batches before building the model made the bare loop slower)
-    tokenizer = load_tokenizer(cfg.model, _builtin_name(cfg), C.cache_dir())
+    tokenizer = load_tokenizer(cfg.model, *builtin_tokenizer_cache(cfg))
     model = build_model(cfg.model, tokenizer, head="mlm")
     from trainer.masked_head import use_masked_positions_only
     use_masked_positions_only(model)  # the stage's loss: the loop's overhead is what is measured
@@ -125,18 +111,9 @@ def bare_worker(args) -> None:
                       "clip_s": clip_s, "step_s": elapsed / args.steps}), flush=True)
 
 
-def child_env(args) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(k, None)
-    return env
-
-
 def run_bare(args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-worker", *worker_argv(args)]
-    p = subprocess.run(cmd, env=child_env(args), capture_output=True, text=True, cwd=C.REPO)
+    p = subprocess.run(cmd, env=C.child_env(args.threads), capture_output=True, text=True, cwd=C.REPO)
     if p.returncode != 0:
         sys.exit(f"bare loop failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -156,7 +133,8 @@ def run_trainer(args, window_tokens: list[int]) -> dict:
     cpu_marks: list[float] = []
     try:
         with open(Path(out, "stdout.txt"), "w") as so, open(Path(out, "stderr.txt"), "w") as se:
-            p = subprocess.Popen(trainer_cmd(args, out), env=child_env(args), stdout=so, stderr=se, cwd=C.REPO)
+            p = subprocess.Popen(trainer_cmd(args, out), env=C.child_env(args.threads), stdout=so, stderr=se,
+                                 cwd=C.REPO)
             proc = psutil.Process(p.pid)
             while p.poll() is None:
                 try:

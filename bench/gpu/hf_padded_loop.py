@@ -1,7 +1,8 @@
 """The baseline of issue 12 item 4: an HF-style fine-tuning loop — random batches, each padded to its longest
 example — on the same model, data, truncation, lr and batch as the trainer's run it is compared with.
 
-It reads the trainer run's resolved config (`<run>/config.yaml`), builds the same encoder + head
+It reads the trainer run's resolved config (`<run>/config.yaml`) and its exported encoder config
+(`<run>/hf_model/config.json`), builds the same encoder + head
 (trainer.classifier.Classifier) and the same head+tail inputs (the trainer's own Encoder on the prepared store, so
 only the batching differs), and trains `--steps` steps with torch AdamW (fused on CUDA) under bf16 autocast.
 Writes `<out>/metrics.jsonl` lines in the trainer's format (`samples_per_second`, `tokens_per_second`, `loss`,
@@ -33,21 +34,21 @@ def main():
     ap.add_argument("--log-every", type=int, default=10)
     args = ap.parse_args()
     from trainer.classifier import Classifier
-    from trainer.corpus.prepare import default_cache_dir
-    from trainer.model import _auto_config, load_tokenizer
+    from trainer.data.cache import default_cache_dir
+    from trainer.model import load_tokenizer
     from trainer.text.batching import Collator
-    from trainer.text.data import load_task
+    from trainer.text.tasks import load_task
     from trainer.text.truncation import Encoder
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     cfg = load(FinetuneConfig, str(Path(args.like) / "config.yaml"), [])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg.model.precision == "bf16"
     tokenizer = load_tokenizer(cfg.model, "grammar", default_cache_dir())
-    splits, vocab = load_task(cfg.data, cfg.seed, tokenizer, default_cache_dir(), log=lambda *a: None)
+    splits, vocab = load_task(cfg.data, cfg.seed, tokenizer, default_cache_dir())
     train = splits["train"]
     torch.manual_seed(cfg.seed)
-    conf = _auto_config(cfg.model, tokenizer)
+    conf = AutoConfig.from_pretrained(Path(args.like) / "hf_model")  # the encoder config the trainer ran
     encoder = AutoModel.from_config(conf, attn_implementation="sdpa", dtype=torch.float32)
     model = Classifier(encoder, len(vocab), cfg.head, cfg.text).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
