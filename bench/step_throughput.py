@@ -6,7 +6,7 @@ trainer: `python launch/pretrain.py --config configs/pretrain/tiny.yaml output_d
   are combined (Σ tokens / Σ time; each window's tokens are recomputed from the same batches).
 bare: a fresh subprocess builds the same config, tokenizer, model (same init seed, trainer.model.build_model,
   the same masked-positions-only MLM loss as the stage: trainer.masked_head) and the same batches (the stage's GlobalOrder/PackedDataset/RankBatches/MLMCollator, materialised in memory
-  before timing), then runs torch.optim.AdamW with forward / backward / step / zero_grad; the same --warmup
+  before timing), then runs torch.optim.AdamW (fused, as the trainer) with forward / backward / step / zero_grad; the same --warmup
   steps are run untimed, then --steps steps are timed.
 Both get the same OMP/MKL thread count. Runs alternate (bare, trainer, bare, trainer, ...) and the figure is
 median(trainer tokens/s) / median(bare tokens/s). Goal: >= 0.97.
@@ -74,7 +74,8 @@ def bare_worker(args) -> None:
     _, batches = make_batches(cfg, args.warmup + args.steps)
     collate_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+                            weight_decay=cfg.optim.weight_decay, fused=True)  # the trainer's kernel: the ratio is
+    # the trainer's overhead, not a choice of Adam kernel (bench/optimizer_step.py measures that)
     tokens = 0
     start = t_window = c_start = c_window = None
     window_tokens, windows, cpu_windows = 0, [], []  # per --warmup steps, like the trainer's log windows

@@ -72,7 +72,7 @@ def _cpu_adam_or_skip():
 @pytest.mark.parametrize("setup", ["cpu_zero2", "cpu_zero3", "cpu_zero3+DeepSpeedCPUAdam"])
 def test_applied_lr_per_layer_later_steps_and_after_resume(tmp_path, cache, setup):
     extra = []
-    optimizer_class = "AdamW"
+    optimizer_class = "AdamW (fused)"
     if setup.endswith("DeepSpeedCPUAdam"):
         _cpu_adam_or_skip()
         extra = [f"distributed.deepspeed_config={_ds_offload_cpu_adam(tmp_path)}"]

@@ -8,7 +8,8 @@ from torch import nn
 from transformers import optimization as hf
 
 from trainer.config import OptimConfig
-from trainer.optim.param_groups import build_param_groups, make_optimizer, no_decay_params
+from trainer.optim.param_groups import (build_param_groups, implementation, keep_implementation, make_optimizer,
+                                        no_decay_params)
 from trainer.optim.schedules import NAMES, GroupSchedule, multiplier, warmup_steps
 
 TOTAL = 100
@@ -249,3 +250,44 @@ def test_make_optimizer_keeps_group_lrs(tiny_bert):
     assert all("names" not in g for g in opt.param_groups)
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)
     assert "names" in groups[0]  # the caller's groups are not mutated
+
+
+def _stepped(model, opt, steps=5):
+    torch.manual_seed(1)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_adamw_is_the_same_update_as_torchs_reference_loop(tiny_bert):
+    """make_optimizer's fused kernel vs torch's single-tensor AdamW, same groups (layer-wise lrs, decay split):
+    the same weights after several steps, to float32 rounding."""
+    import copy
+    ref_model = copy.deepcopy(tiny_bert)
+    lr_scale = lambda n: 0.5 if "layer.0" in n else 1.0  # noqa: E731
+    opt = make_optimizer(build_param_groups(tiny_bert, lr=1e-2, weight_decay=0.01, lr_scale=lr_scale),
+                         [0.9, 0.98], 1e-6)
+    ref_groups = [{k: v for k, v in g.items() if k not in ("names", "parts", "task")}
+                  for g in build_param_groups(ref_model, lr=1e-2, weight_decay=0.01, lr_scale=lr_scale)]
+    ref = torch.optim.AdamW(ref_groups, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    for a, b in zip(_stepped(tiny_bert, opt), _stepped(ref_model, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert implementation(opt) == "AdamW (fused)" and implementation(ref) == "AdamW (single-tensor)"
+
+
+def test_resuming_a_checkpoint_of_the_slow_implementation_keeps_the_fused_one(tiny_bert):
+    """torch's load_state_dict copies every group setting from the checkpoint, `fused` included; the run's own
+    choice is set back, and the moments come through."""
+    groups = build_param_groups(tiny_bert, lr=1e-3, weight_decay=0.01)
+    old = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("names", "parts", "task")} for g in groups])
+    _stepped(tiny_bert, old, steps=2)
+    opt = make_optimizer(build_param_groups(tiny_bert, lr=1e-3, weight_decay=0.01), [0.9, 0.999], 1e-8)
+    opt.load_state_dict(old.state_dict())
+    assert implementation(opt) == "AdamW (single-tensor)"  # what torch alone would leave
+    keep_implementation(opt)
+    assert implementation(opt) == "AdamW (fused)"
+    p = next(tiny_bert.parameters())
+    assert torch.equal(opt.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    _stepped(tiny_bert, opt, steps=1)  # and it steps

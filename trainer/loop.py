@@ -19,6 +19,7 @@ from .checkpoint import TrainerState
 from .config import OptimConfig, TrainConfig, WandbConfig
 from .distributed import Topology
 from .errors import UserError
+from .optim.param_groups import implementation, keep_implementation
 from .optim.schedules import GroupSchedule
 from .preemption import StopRequest
 from .tracking import Tracker
@@ -95,6 +96,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     zero = topo.zero_stage if topo.deepspeed else None
     if resume_from is not None:
         state = reshard.load(accelerator, model, job.optimizer, resume_from, zero)
+        keep_implementation(getattr(optimizer.optimizer, "optimizer", optimizer.optimizer))  # (ZeRO: its basic one)
         moved = f", written by {state.world_size} ranks" if state.world_size != topo.world_size else ""
         log.info(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
     # accelerate's restored micro-step counter was counted with the checkpoint's grad_accum; after a move to
@@ -215,10 +217,10 @@ def engine_facts(model, optimizer, topo: Topology) -> dict:
         stepped = getattr(inner, "optimizer", inner)  # ZeRO / bf16 wrappers hold the basic optimizer
         return {"engine": "deepspeed", "zero_stage": model.zero_optimization_stage(),
                 "offload": offload.replace("OffloadDeviceEnum.", "") or "none", "precision": precision,
-                "optimizer": type(stepped).__name__}
+                "optimizer": implementation(stepped)}
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return {"engine": "ddp" if ddp else "single", "zero_stage": 0, "offload": "none",
-            "precision": topo.precision, "optimizer": type(inner).__name__}
+            "precision": topo.precision, "optimizer": implementation(inner)}
 
 
 class ComputeDtype:
