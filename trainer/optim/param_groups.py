@@ -69,7 +69,7 @@ def make_optimizer(groups: list[dict], betas, eps: float) -> torch.optim.Optimiz
     """AdamW over the groups (names are kept out of the optimizer, torch rejects unknown keys in some paths), with
     torch's fused kernel: one multi-tensor kernel per group instead of torch's CPU default, a Python loop over the
     tensors (single-tensor Adam was 38 % of a CPU fine-tuning step; fused AdamW steps a 22 M-parameter encoder
-    about 7× faster on CPU, bench/optimizer_step.py). torch has it for CPU and CUDA alike; the update is the same
+    about 6× faster on CPU, bench/optimizer_step.py). torch has it for CPU and CUDA alike; the update is the same
     AdamW (tests/test_optim.py compares the implementations)."""
     torch_groups = [{k: v for k, v in g.items() if k not in ("names", "parts", "task")} for g in groups]
     return torch.optim.AdamW(torch_groups, betas=tuple(betas), eps=eps, fused=True)
