@@ -96,7 +96,7 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     zero = topo.zero_stage if topo.deepspeed else None
     if resume_from is not None:
         state = reshard.load(accelerator, model, job.optimizer, resume_from, zero)
-        keep_implementation(getattr(optimizer.optimizer, "optimizer", optimizer.optimizer))  # (ZeRO: its basic one)
+        keep_implementation(basic_optimizer(optimizer))
         moved = f", written by {state.world_size} ranks" if state.world_size != topo.world_size else ""
         log.info(f"resumed from {resume_from} at step {state.step} (sample {state.samples}{moved})")
     # accelerate's restored micro-step counter was counted with the checkpoint's grad_accum; after a move to
@@ -208,19 +208,24 @@ def engine_facts(model, optimizer, topo: Topology) -> dict:
     """What really runs, read from the prepared objects (not from the config): engine, ZeRO stage, offload,
     compute precision and the optimizer class that steps — logged so a run proves its setup. Single / DDP
     precision here is the config's until the first forward replaces it (`ComputeDtype`)."""
-    inner = optimizer.optimizer
     if topo.deepspeed:
         offload = ",".join(f"{what}={cfg.device}" for what, cfg in (("optimizer", model.zero_offload_optimizer()),
                                                                      ("param", model.zero_offload_param()))
                            if cfg is not None and str(cfg.device) not in ("none", "OffloadDeviceEnum.none"))
         precision = "bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "fp32"
-        stepped = getattr(inner, "optimizer", inner)  # ZeRO / bf16 wrappers hold the basic optimizer
         return {"engine": "deepspeed", "zero_stage": model.zero_optimization_stage(),
                 "offload": offload.replace("OffloadDeviceEnum.", "") or "none", "precision": precision,
-                "optimizer": implementation(stepped)}
+                "optimizer": implementation(basic_optimizer(optimizer))}
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return {"engine": "ddp" if ddp else "single", "zero_stage": 0, "offload": "none",
-            "precision": topo.precision, "optimizer": implementation(inner)}
+            "precision": topo.precision, "optimizer": implementation(basic_optimizer(optimizer))}
+
+
+def basic_optimizer(prepared):
+    """The optimizer whose step updates the weights: under accelerate's wrapper, and under DeepSpeed's ZeRO /
+    bf16 wrappers too (they hold it as `.optimizer`)."""
+    inner = prepared.optimizer
+    return getattr(inner, "optimizer", inner)
 
 
 class ComputeDtype:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..config import CorpusSource
 from ..data.builtin import BUILTIN_PREFIX, builtin_digest, builtin_documents
-from ..data.records import file_format, iter_records, looks_like_hub_name, open_text
+from ..data.records import file_format, iter_records, looks_like_hub_name, open_text, read_errors
 from ..errors import UserError
 
 
@@ -38,12 +38,8 @@ def iter_documents(src: CorpusSource) -> Iterator[str]:
     """All documents of one source, in a fixed order. Empty texts are skipped."""
     for path in source_paths(src):
         fmt = file_format(path, src.format)
-        try:  # (record formats report these themselves, with the row)
+        with read_errors(path):  # (record formats report these themselves, with the row)
             yield from (d for d in _READERS[fmt](path, src) if d and not d.isspace())
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        except (OSError, EOFError) as exc:
-            raise UserError(f"{path}: cannot read ({exc})") from None
 
 
 def _read_txt(path: str, src: CorpusSource):

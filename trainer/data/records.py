@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -61,7 +62,7 @@ def iter_records(path: str, fmt: str, fields: Optional[list] = None, tolerant: b
     yielded as (row, BadRow(reason)) and reading goes on (prediction over a million rows does not stop at one).
     A file without a column of `fields` is an error unless the column is `optional`."""
     required = [f for f in fields or [] if f not in optional]
-    try:
+    with read_errors(path):
         if fmt in ("csv", "tsv"):
             yield from _records_delimited(path, required, "," if fmt == "csv" else "\t", tolerant)
         elif fmt == "jsonl":
@@ -70,6 +71,14 @@ def iter_records(path: str, fmt: str, fields: Optional[list] = None, tolerant: b
             yield from _records_parquet(path, fields, required)
         else:
             yield from stream_records(path)
+
+
+@contextmanager
+def read_errors(path: str):
+    """A file that cannot be read or is not UTF-8, as one line naming it — for every reader of a data file
+    (records here, a corpus's documents in corpus/sources.py)."""
+    try:
+        yield
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except (OSError, EOFError) as exc:
