@@ -11,8 +11,8 @@ from launching import metrics, run
 MT = dict(script="finetune.py", config="configs/finetune/tiny_multitask.yaml")
 RECIPE = dict(script="recipe.py", config="configs/recipe/tiny.yaml")
 # a smaller recipe for tests: every stage, fewer steps
-SMALL = ["stages.fit_baseline=false", "pretrain.train.max_steps=40", "pretrain.train.save_every=20",
-         "finetune.train.max_steps=12", "finetune.train.eval_every=6"]
+SMALL = ["stages.fit_baseline=false", "pretrain.train.max_steps=20", "pretrain.train.save_every=10",
+         "finetune.train.max_steps=8", "finetune.train.eval_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,16 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def test_multitask_zero3_three_tasks_each_head_learns(tmp_path, cache):
-    out = tmp_path / "mt"
-    run("cpu_zero3", out, "train.epochs=2", "train.eval_every=60", cache=cache, timeout=900, **MT)
+@pytest.fixture(scope="module")
+def mfit_zero3(tmp_path_factory, cache):
+    """One epoch of multi-task fine-tuning under ZeRO-3 on 2 ranks: the run the next tests read."""
+    out = tmp_path_factory.mktemp("mfit") / "mt"
+    run("cpu_zero3", out, "train.eval_every=60", cache=cache, timeout=900, **MT)
+    return out
+
+
+def test_multitask_zero3_three_tasks_each_head_learns(mfit_zero3):
+    out = mfit_zero3
     results = json.loads((out / "eval_results.json").read_text())
     chance = {"topics": 1 - 1 / 5, "polarity": 1 - 1 / 2, "length": 1 - 1 / 3}
     assert set(results) == set(chance)
@@ -48,9 +55,8 @@ def test_task_draw_depends_on_seed_and_step_only():
     assert draws != [task_of_step(8, s, probs) for s in range(3000)]
 
 
-def test_per_task_finetuning_starts_from_the_multitask_weights(tmp_path, cache):
-    mt = tmp_path / "mt"
-    run("cpu_zero2", mt, "train.max_steps=20", "train.eval_every=20", cache=cache, **MT)
+def test_per_task_finetuning_starts_from_the_multitask_weights(tmp_path, cache, mfit_zero3):
+    mt = mfit_zero3  # its export was consolidated from ZeRO-3 shards; the continued run is ZeRO-2
     start = mt / "tasks" / "polarity" / "hf_model"
     out = tmp_path / "fit"
     # one step with a vanishing lr: the continued model must be the MFiT model itself, head included
@@ -77,7 +83,7 @@ def test_recipe_interrupted_inside_a_stage_resumes_to_the_same_table(tmp_path, c
     assert "| task |" in proc.stdout
 
     # stop inside the multi-task stage (after pre-training and the ITPT-FiT stages finished)
-    run("cpu_zero2", cut, *SMALL, "finetune.train.stop_at_step=7", "stages.fit_after_pretrain=false",
+    run("cpu_zero2", cut, *SMALL, "finetune.train.stop_at_step=5", "stages.fit_after_pretrain=false",
         cache=cache, timeout=900, **RECIPE)
     assert not (cut / "results.json").exists() and (cut / "pretrain" / "stage.json").is_file()
     assert not (cut / "mfit" / "stage.json").exists() and (cut / "mfit" / "checkpoints").is_dir()

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from launching import metrics, run
+from wandb_records import read_run
 
 NO_DROPOUT = ("model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0")
 
@@ -33,7 +34,7 @@ def ranks(n: int) -> list[str]:
     return ["--num_processes", str(n)]
 
 
-def test_finetune_zero3_moves_2_1_2_3_ranks_like_the_uninterrupted_run(tmp_path, cache):
+def test_finetune_zero3_moves_2_1_3_ranks_like_the_uninterrupted_run(tmp_path, cache):
     # global batch 12 = 2 x 6 = 1 x 6 x accumulation 2 = 3 x 4; layer-wise decay over 4 layers: 5 distinct lrs
     common = [*NO_DROPOUT, "head.dropout=0", "train.max_steps=8", "train.micro_batch_size=6", "train.log_every=1",
               "train.eval_every=100", "optim.layer_decay=0.7", "optim.scheduler=cosine", "optim.warmup_steps=2"]
@@ -41,7 +42,7 @@ def test_finetune_zero3_moves_2_1_2_3_ranks_like_the_uninterrupted_run(tmp_path,
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     run("cpu_zero3", ref, *common, **ft)
     logs = []
-    for n, stop in ((2, 2), (1, 4), (2, 6), (3, None)):
+    for n, stop in ((2, 2), (1, 4), (3, None)):  # shrink (accumulation appears), grow to an odd world
         extra = [f"train.stop_at_step={stop}"] if stop else []
         proc = run("cpu_zero3", moved, *common, *extra, **ft, flags=["--resume"] if logs else [],
                    launcher_args=ranks(n))
@@ -50,13 +51,12 @@ def test_finetune_zero3_moves_2_1_2_3_ranks_like_the_uninterrupted_run(tmp_path,
         assert "converting" in log and "universal checkpoint" in log
     # the global batch of 12 was kept: 1 rank accumulates 2 micro-batches of 6, 3 ranks take 4 each
     assert "world size 2 -> 1: keeping the global batch of 12 samples with micro_batch_size 6 x grad_accum 2" in logs[1]
-    assert "keeping the global batch" not in logs[2]  # 2 x 6 as configured
-    assert "world size 2 -> 3: keeping the global batch of 12 samples with micro_batch_size 4 x grad_accum 1" in logs[3]
+    assert "world size 1 -> 3: keeping the global batch of 12 samples with micro_batch_size 4 x grad_accum 1" in logs[2]
 
     a = [r for r in metrics(ref) if "loss" in r]
     b = [r for r in metrics(moved) if "loss" in r]
     assert [r["step"] for r in b] == list(range(1, 9))
-    assert [r["world_size"] for r in b] == [2, 2, 1, 1, 2, 2, 3, 3]
+    assert [r["world_size"] for r in b] == [2, 2, 1, 1, 3, 3, 3, 3]
     assert [r["samples_seen"] for r in b] == [r["samples_seen"] for r in a] == [12 * k for k in range(1, 9)]
     assert len(set(a[3]["lr"])) == 5  # per-layer lrs really differ
     for x, y in zip(a, b):
@@ -65,13 +65,15 @@ def test_finetune_zero3_moves_2_1_2_3_ranks_like_the_uninterrupted_run(tmp_path,
     assert max_diff(weights(ref), weights(moved)) <= 1e-5
 
 
-def test_pretrain_zero2_moves_2_to_3_ranks_and_reads_each_sample_once(tmp_path, cache):
+def test_pretrain_zero2_moves_2_to_3_ranks_reads_each_sample_once_and_keeps_the_wandb_run(tmp_path, cache):
     common = [*NO_DROPOUT, "train.max_steps=6", "train.micro_batch_size=6", "train.log_every=1",
               "train.trace_samples=true"]
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     run("cpu_zero2", ref, *common, cache=cache)
-    run("cpu_zero2", moved, *common, "train.stop_at_step=3", cache=cache)
-    proc = run("cpu_zero2", moved, *common, cache=cache, flags=["--resume"], launcher_args=ranks(3))
+    run("cpu_zero2", moved, *common, "train.stop_at_step=3", "wandb.mode=offline", cache=cache)
+    assert [r["step"] for r in metrics(moved)] == [1, 2, 3] and not (moved / "hf_model").exists()
+    proc = run("cpu_zero2", moved, *common, "wandb.mode=offline", cache=cache, flags=["--resume"],
+               launcher_args=ranks(3))
     assert "micro_batch_size 4 x grad_accum 1 per rank" in proc.stdout
 
     seen = [int(p) for f in sorted((moved / "samples").glob("rank*.txt")) for p in f.read_text().split()]
@@ -82,6 +84,15 @@ def test_pretrain_zero2_moves_2_to_3_ranks_and_reads_each_sample_once(tmp_path, 
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-9)
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
     assert max_diff(weights(ref), weights(moved)) <= 1e-5
+
+    # wandb: one run id across the interruption, steps strictly increasing, summary = final loss
+    runs = sorted((moved / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    first, second = read_run(runs[0]), read_run(runs[1])
+    assert first["run_id"] == second["run_id"]
+    steps = [h["_step"] for h in first["history"] + second["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert second["summary"]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-6)
 
 
 def test_ddp_checkpoint_resumed_on_one_process_steps_where_the_uninterrupted_run_does(tmp_path, cache):

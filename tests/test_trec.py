@@ -21,7 +21,7 @@ def test_trec_trains_and_evaluates(tmp_path):
     out = tmp_path / "run"
     run("cpu_zero2", out, f"model.tokenizer={tok_dir}", "model.config.num_hidden_layers=2",
         f"data.train={TREC / 'train.jsonl'}", f"data.test={TREC / 'test.jsonl'}", "text.max_len=48",
-        "train.epochs=3", "train.micro_batch_size=32", "train.eval_every=0", "optim.lr=2e-3",
+        "train.epochs=2", "train.micro_batch_size=32", "train.eval_every=0", "optim.lr=2e-3",
         "optim.layer_decay=0.9", cache=tmp_path / "cache", script="finetune.py", config="configs/finetune/tiny.yaml")
     results = json.loads((out / "eval_results.json").read_text())
     gold = Counter(json.loads(line)["label"] for line in (TREC / "test.jsonl").read_text().splitlines())
@@ -30,6 +30,6 @@ def test_trec_trains_and_evaluates(tmp_path):
     assert len(results["test"]["confusion_matrix"]) == 6
     assert results["test"]["error_rate"] < 0.6 * majority_error, results["test"]
     dev_lines = [r for r in metrics(out) if r.get("split") == "dev"]
-    assert len(dev_lines) == 3 and all(r["n"] == 546 for r in dev_lines)
+    assert len(dev_lines) == 2 and all(r["n"] == 546 for r in dev_lines)
     recipe = json.loads((out / "hf_model" / "bert_recipe.json").read_text())
     assert recipe["labels"] == sorted(gold)
