@@ -70,7 +70,9 @@ def test_per_task_finetuning_starts_from_the_multitask_weights(tmp_path, cache, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     mt_dev = json.loads((mt / "eval_results.json").read_text())["polarity"]["test"]
     fit_dev = json.loads((out / "eval_results.json").read_text())["test"]
-    assert fit_dev["accuracy"] == pytest.approx(mt_dev["accuracy"])
+    # same weights; the MFiT figure was computed by the ZeRO-3 engine, this one by ZeRO-2: summation order may
+    # flip one borderline example of the 500
+    assert fit_dev["accuracy"] == pytest.approx(mt_dev["accuracy"], abs=1.01 / fit_dev["n"])
 
 
 def test_recipe_interrupted_inside_a_stage_resumes_to_the_same_table(tmp_path, cache):
