@@ -47,11 +47,11 @@ sys.path.insert(0, str(REPO))
 def run_configs(grid_path: str, overrides: list[str]):
     """→ (grid config, [fine-tuning config of each seed]): base + the grid's overrides, as a grid point gets it."""
     from trainer.config import FinetuneConfig, GridConfig, load
-    from trainer.grid import normalise
+    from trainer.grid import base_path, normalise
     grid = normalise(load(GridConfig, grid_path, overrides))
     if grid.stage != "finetune":
-        sys.exit(f"error: {grid_path}: the plain loop fine-tunes (stage finetune), this grid's stage is {grid.stage}")
-    base = Path(grid.base) if Path(grid.base).is_file() else REPO / grid.base
+        sys.exit(f"error: {grid_path}: the peers fine-tune (stage finetune), this grid's stage is {grid.stage}")
+    base = base_path(grid)
     common = [f"{k}={json.dumps(v)}" for k, v in grid.overrides.items()]
     return grid, [load(FinetuneConfig, str(base), [*common, f"seed={s}"]) for s in grid.seeds]
 
@@ -184,7 +184,9 @@ def train_plain(cfg, padding: str, out: Path) -> None:
 def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
     """transformers' Trainer on the task; under `accelerate launch` every rank runs this (rank 0 writes)."""
     from transformers import (DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
+    from trainer.loop import basic_optimizer
     from trainer.metrics import classification_metrics
+    from trainer.optim.param_groups import implementation
     if deepspeed:  # DeepSpeed finds no process group on CPU unless gloo is set up first (accelerate's own trap)
         from accelerate import PartialState
         PartialState(backend="gloo")
@@ -222,12 +224,8 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
         def on_train_begin(self, args, state, control, **kw):
             engine = trainer.model_wrapped  # what really runs: the DeepSpeed engine, DDP or the bare model
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
-            opt = trainer.optimizer
-            while hasattr(opt, "optimizer"):  # accelerate's and DeepSpeed's wrappers → the torch optimizer
-                opt = opt.optimizer
-            kernel = " (fused)" if opt.defaults.get("fused") else " (foreach)" if opt.defaults.get("foreach") else ""
             windows.fields.update(engine=f"hf trainer ({type(engine).__name__})", world_size=args.world_size,
-                                  zero_stage=stage, optimizer=type(opt).__name__ + kernel)
+                                  zero_stage=stage, optimizer=implementation(basic_optimizer(trainer.optimizer)))
             windows.mark()
 
         def on_step_end(self, args, state, control, **kw):
@@ -276,11 +274,11 @@ def speed(run: Path, warmup: int) -> tuple[float, float]:
     return (samples / secs, tokens / secs) if secs else (float("nan"), float("nan"))
 
 
-def launched_deepspeed_json(launcher: str) -> str | None:
-    """The DeepSpeed JSON an accelerate config names (its deepspeed_config_file), or None for DDP."""
+def launched_deepspeed_json(grid) -> str | None:
+    """The DeepSpeed JSON the grid's accelerate config names (its deepspeed_config_file), or None for DDP."""
     import yaml
-    path = Path(launcher) if Path(launcher).is_file() else REPO / launcher
-    ds = (yaml.safe_load(path.read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
+    from trainer.grid import launcher_path
+    ds = (yaml.safe_load(launcher_path(grid).read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
     return str(REPO / ds) if ds and not Path(ds).is_absolute() else ds
 
 
@@ -292,8 +290,8 @@ def run_peer(args, grid, cfg, out: Path) -> None:
     if not grid.launcher:
         return train_hf_trainer(cfg, out, None)
     import subprocess
-    launcher = grid.launcher if Path(grid.launcher).is_file() else str(REPO / grid.launcher)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, __file__,
+    from trainer.grid import launcher_path
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_path(grid)), __file__,
            "--grid", args.grid, "--peer", "hf-trainer", "--rank-of", str(out), "--seed", str(cfg.seed),
            *args.overrides]
     subprocess.run(cmd, check=True, cwd=REPO)
@@ -314,7 +312,7 @@ def main():
     grid, cfgs = run_configs(args.grid, args.overrides)
     if args.rank_of:
         cfg = next(c for c in cfgs if c.seed == args.seed)
-        return train_hf_trainer(cfg, Path(args.rank_of), launched_deepspeed_json(grid.launcher))
+        return train_hf_trainer(cfg, Path(args.rank_of), launched_deepspeed_json(grid))
     if args.with_grid and not args.report_only:
         import subprocess
         subprocess.run([sys.executable, "-m", "trainer.entry.grid", "--config", args.grid, *args.overrides],

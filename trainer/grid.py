@@ -106,12 +106,18 @@ def validate(cfg: GridConfig) -> None:
             raise UserError(f"labels.{key} must list one name per value of axes.{key} ({len(cfg.axes[key])})")
     if not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
         raise UserError(f"seeds must be a non-empty list of integers, got {cfg.seeds}")
-    if cfg.launcher and not Path(cfg.launcher).is_file() and not (REPO / cfg.launcher).is_file():
+    if cfg.launcher and not launcher_path(cfg).is_file():
         raise UserError(f"launcher (an accelerate config) not found: {cfg.launcher}")
 
 
 def base_path(cfg: GridConfig) -> Path:
     path = Path(cfg.base)
+    return path if path.is_absolute() or path.is_file() else REPO / path
+
+
+def launcher_path(cfg: GridConfig) -> Path:
+    """The accelerate config the points launch with: as given, else relative to the repo root."""
+    path = Path(cfg.launcher)
     return path if path.is_absolute() or path.is_file() else REPO / path
 
 
@@ -149,8 +155,8 @@ def _state(cfg: GridConfig, p: Point) -> str:
 def command(cfg: GridConfig, p: Point, state: str) -> list[str]:
     module = f"trainer.entry.{cfg.stage}"
     if cfg.launcher:
-        launcher = cfg.launcher if Path(cfg.launcher).is_file() else str(REPO / cfg.launcher)
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher, "-m", module]
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher_path(cfg)),
+                  "-m", module]
     else:
         prefix = [sys.executable, "-m", module]
     flags = {"interrupted": ["--resume"] if cfg.stage != "recipe" else [], "fresh": ["--overwrite"]}[state]
