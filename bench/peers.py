@@ -126,7 +126,7 @@ def write_run(out: Path, lines: list, results: dict) -> None:
 
 def train_plain(cfg, padding: str, out: Path) -> None:
     from transformers import DataCollatorWithPadding, get_scheduler
-    from trainer.metrics import classification_metrics
+    from trainer.problems import single_label_metrics
     tok, vocab, data = task_inputs(cfg)
     model = new_model(cfg, tok, len(vocab))
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n  # noqa: E731
@@ -150,7 +150,7 @@ def train_plain(cfg, padding: str, out: Path) -> None:
                               .argmax(-1) for i in range(0, len(data[name]), size)]).numpy()
         model.train()
         gold = np.array([x["labels"] for x in data[name]])
-        return classification_metrics(pred, gold, len(vocab))
+        return single_label_metrics(pred, gold, vocab)
 
     windows = Windows(cfg, "plain loop", padding=padding)
     best, best_state, step = -1.0, None, 0
@@ -185,7 +185,7 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
     """transformers' Trainer on the task; under `accelerate launch` every rank runs this (rank 0 writes)."""
     from transformers import (DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
     from trainer.loop import basic_optimizer
-    from trainer.metrics import classification_metrics
+    from trainer.problems import single_label_metrics
     from trainer.optim.param_groups import implementation
     if deepspeed:  # DeepSpeed finds no process group on CPU unless gloo is set up first (accelerate's own trap)
         from accelerate import PartialState
@@ -245,7 +245,7 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
             windows.mark()
 
     def metrics(p):
-        return classification_metrics(p.predictions.argmax(-1), p.label_ids, len(vocab))
+        return single_label_metrics(p.predictions.argmax(-1), p.label_ids, vocab)
 
     trainer = Count(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                     data_collator=collate, compute_metrics=metrics, callbacks=[Timing()])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,17 @@ CATALOGUE = {
                               "data file not found"),
     "mixed label types": Bad(
         "dataset", FT, lambda t, d: data_overrides(d, train=write_jsonl(t / "train.jsonl", rows(4, 5) + [
-            {"text": "ball goal", "label": 1}])), "mixed label types — row 5 has the number 1, row 1 the text"),
+            {"text": "ball goal", "label": 1}])), "mixed label types — row 1 has the text 'food', row 5 the number 1"),
+    # (the other problem-type rows — NaN / text targets, unseen multi-label labels, a separator that splits
+    # nothing — are checked in-process in test_problem_types.py; these two go through the CLI's exit path)
+    "list label in a single_label task": Bad(
+        "dataset", FT, lambda t, d: data_overrides(d, train=write_jsonl(t / "train.jsonl", [
+            {"text": "bread ball", "label": ["food", "sport"]}] + [{**r, "label": [r["label"]]} for r in rows(4, 5)])),
+        "row 1: label ['food', 'sport'] is a list — texts with several labels are data.problem_type=multi_label"),
+    "regression target not finite": Bad(
+        "dataset", FT, lambda t, d: [*data_overrides(d, train=write_jsonl(t / "train.jsonl", [
+            {"text": "ball", "label": 1.5}, {"text": "soup", "label": 2}, {"text": "code", "label": math.inf}])),
+            "data.problem_type=regression"], "row 3: regression target inf is not a finite number"),
     "text column missing": Bad(
         "dataset", FT, lambda t, d: data_overrides(d, train=text_file(
             t, "train.csv", b"review,label\nbread and soup,food\nball goal,sport\n")), "no column 'text'"),

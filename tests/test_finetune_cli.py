@@ -42,17 +42,22 @@ def test_run_writes_groups_metrics_and_results(trained):
     lines = metrics(trained)
     train_lines = [m for m in lines if "loss" in m]
     dev_lines = [m for m in lines if m.get("split") == "dev"]
+    selection = [m for m in lines if "selection" in m]
     assert [m["step"] for m in train_lines] == [1, 2, 3]
     assert all(isinstance(m["lr"], list) and len(m["lr"]) == len(groups) for m in train_lines)
     assert [m["step"] for m in dev_lines] == [3]
     assert all(k in dev_lines[0] for k in ("accuracy", "error_rate", "macro_f1"))
+    # the best checkpoint is picked by the dev error rate (the default for a single-label task)
+    assert [(m["step"], m["selection"], m["improved"]) for m in selection] == [(3, "error_rate", True)]
+    assert selection[0]["shortfall"] == dev_lines[0]["error_rate"]
 
     results = json.loads((trained / "eval_results.json").read_text())
     assert set(results) == {"dev", "test"}
     for split, n in (("dev", 12), ("test", 9)):
         r = results[split]
-        for key in ("accuracy", "error_rate", "macro_f1", "confusion_matrix"):
+        for key in ("accuracy", "error_rate", "macro_f1", "confusion_matrix", "per_class"):
             assert key in r, (split, key)
+        assert [r["per_class"][lab]["support"] for lab in LABELS] == [n // 3] * 3
         assert r["accuracy"] + r["error_rate"] == pytest.approx(1.0)
         cm = r["confusion_matrix"]
         assert len(cm) == 3 and all(len(row) == 3 for row in cm)

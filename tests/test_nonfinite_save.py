@@ -41,7 +41,8 @@ model = torch.nn.Linear(4, 1)
 acc, topo = make_accelerator(precision="fp32", micro_batch=2, grad_accum=1, max_grad_norm=0.0, deepspeed_config=None)
 job = loop.Job(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), batches=batches, loss=loss,
                samples_per_epoch=100, export=lambda a, m: print("exported"),
-               evaluate=evaluate if mode == "best" else None)
+               evaluate=evaluate if mode == "best" else None,
+               select=lambda r: (1 - r["task"]["accuracy"], {"task": ("accuracy", r["task"]["accuracy"])}))
 train = TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=1, max_grad_norm=0.0, log_every=100,
                     save_every=2 if mode == "periodic" else 0, keep_last=10, stop_at_step=stop_at, eval_every=1)
 try:

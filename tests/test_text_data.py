@@ -12,8 +12,7 @@ import pytest
 
 from trainer.config import ClassificationDataConfig
 from trainer.errors import UserError
-from trainer.metrics import classification_metrics
-from trainer.text.tasks import label_vocabulary
+from trainer.problems import single_label_metrics, sort_labels
 from trainer.text.tasks import load_task as _load_task
 from trainer.text.tasks import read_split as _read_split
 
@@ -105,10 +104,10 @@ def test_custom_fields_and_pairs(tmp_path):
     assert [store.label_values[y] for y in store.label] == [1, 0]
 
 
-def test_label_vocabulary_sorted():
-    assert label_vocabulary(["pos", "neg", "neu", "pos"]) == ["neg", "neu", "pos"]
-    assert label_vocabulary([10, 2, 1, 2]) == [1, 2, 10]  # numbers numerically
-    assert label_vocabulary([np.int64(3), 1]) == [1, 3]
+def test_sort_labels():
+    assert sort_labels(["pos", "neg", "neu", "pos"]) == ["neg", "neu", "pos"]
+    assert sort_labels([10, 2, 1, 2]) == [1, 2, 10]  # numbers numerically
+    assert sort_labels([np.int64(3), 1]) == [1, 3]
 
 
 def test_string_and_int_labels_load(tmp_path):
@@ -275,7 +274,7 @@ def test_few_shot_out_of_range(tmp_path):
 def test_classification_metrics_hand_computed():
     gold = np.array([0, 0, 0, 1, 1, 2])
     pred = np.array([0, 0, 1, 1, 2, 2])
-    m = classification_metrics(pred, gold, 3)
+    m = single_label_metrics(pred, gold, [0, 1, 2])
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["error_rate"] == pytest.approx(2 / 6)
     # per class (P, R, F1): 0 → (1, 2/3, 0.8) · 1 → (1/2, 1/2, 1/2) · 2 → (1/2, 1, 2/3)
@@ -283,18 +282,21 @@ def test_classification_metrics_hand_computed():
     assert m["n"] == 6
     # rows are gold, columns predicted
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert m["per_class"]["0"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
+                                   "support": 3}
+    assert m["per_class"]["2"]["support"] == 1 and m["per_class"]["1"]["f1"] == pytest.approx(0.5)
 
 
 def test_confusion_orientation_and_absent_classes():
     gold = np.array([2, 2, 2])
     pred = np.array([0, 0, 2])
-    m = classification_metrics(pred, gold, 4)
+    m = single_label_metrics(pred, gold, [0, 1, 2, 3])
     assert m["confusion_matrix"][2] == [2, 0, 1, 0]  # gold class 2's row
     assert [row[0] for row in m["confusion_matrix"]] == [0, 0, 2, 0]  # predicted-0 column
     # class 0 (predicted, never gold) has F1 0 and counts; classes 1 and 3 appear nowhere and don't count
     f1_2 = 2 * 1.0 * (1 / 3) / (1.0 + 1 / 3)
     assert m["macro_f1"] == pytest.approx((0.0 + f1_2) / 2)
-    perfect = classification_metrics(np.array([1, 0, 1]), np.array([1, 0, 1]), 2)
+    perfect = single_label_metrics(np.array([1, 0, 1]), np.array([1, 0, 1]), [0, 1])
     assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0 and perfect["error_rate"] == 0.0
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import problems
 from .config import HeadConfig, TextConfig
 from .errors import UserError
 
@@ -82,16 +84,36 @@ def _throwaway_model():
         yield
 
 
-class TaskHead(nn.Module):
-    """One task's head: (chunk pooling) → dropout → linear. Hierarchy and chunk pooling are per task."""
+@dataclass
+class HeadSpec:
+    """What one task's head predicts (trainer/problems.py): its outputs, long-text handling and loss settings."""
+    num_outputs: int
+    text: TextConfig
+    problem: str = problems.SINGLE
+    loss_weights: Optional[list] = None  # single_label: per-class CE weights; multi_label: per-label BCE pos_weight
+    target_mean: float = 0.0  # regression: the training targets' mean and standard deviation
+    target_std: float = 1.0
+    thresholds: Optional[list] = None  # multi_label: probability each label needs (predict, metrics)
 
-    def __init__(self, width: int, num_labels: int, dropout: float, text: TextConfig, init_range: float):
+
+class TaskHead(nn.Module):
+    """One task's head: (chunk pooling) → dropout → linear, and the loss of its kind. Hierarchy and chunk pooling
+    are per task.
+
+    A regression head computes in standardized units — the loss is MSE against (y − mean) / std of the training
+    targets, so its scale does not depend on the data's units — and returns values in the data's own scale.
+    Loss weights and the target statistics are plain numbers, not buffers: engines that cast a model to bf16
+    would round buffers, and then the scale exported (fp32, `Classifier.save`) would not be the one trained."""
+
+    def __init__(self, width: int, spec: HeadSpec, dropout: float, init_range: float):
         super().__init__()
-        self.text_cfg = text
-        self.hierarchical = text.strategy == "hierarchical"
-        self.chunk_scorer = nn.Linear(width, 1) if self.hierarchical and text.chunk_pool == "attention" else None
+        self.spec = spec
+        self.text_cfg = spec.text
+        self.hierarchical = spec.text.strategy == "hierarchical"
+        self.chunk_scorer = (nn.Linear(width, 1) if self.hierarchical and spec.text.chunk_pool == "attention"
+                             else None)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(width, num_labels)
+        self.classifier = nn.Linear(width, spec.num_outputs)
         for lin in (self.classifier, self.chunk_scorer):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=init_range)
@@ -102,17 +124,29 @@ class TaskHead(nn.Module):
             num_docs = labels.shape[0] if labels is not None else int(doc_index.max()) + 1
             feats = pool_chunks(feats, doc_index, num_docs, self.text_cfg.chunk_pool, self.chunk_scorer)
         logits = self.classifier(self.dropout(feats))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        spec, loss = self.spec, None
+        weights = (torch.tensor(spec.loss_weights, device=logits.device, dtype=torch.float32)
+                   if spec.loss_weights is not None else None)
+        if spec.problem == problems.REGRESSION:
+            if labels is not None:
+                target = (labels.float() - spec.target_mean) / spec.target_std
+                loss = nn.functional.mse_loss(logits.float()[:, 0], target)
+            return loss, logits.float() * spec.target_std + spec.target_mean
+        if labels is not None:
+            loss = (nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weights)
+                    if spec.problem == problems.MULTI
+                    else nn.functional.cross_entropy(logits.float(), labels, weight=weights))
         return loss, logits
 
 
 class Classifier(nn.Module):
-    """A shared encoder and one head per task (`tasks`: {name: (num_labels, TextConfig)}); a single-task model
-    is the same with one head. `forward(..., task=name)` runs the encoder and that task's head."""
+    """A shared encoder and one head per task (`tasks`: {name: HeadSpec}); a single-task model is the same with
+    one head (`Classifier(encoder, num_labels, head, text)`: a single-label one). `forward(..., task=name)` runs
+    the encoder and that task's head."""
 
     def __init__(self, encoder: nn.Module, num_labels, head: HeadConfig, text: TextConfig = None):
         super().__init__()
-        tasks = num_labels if isinstance(num_labels, dict) else {SINGLE: (num_labels, text)}
+        tasks = num_labels if isinstance(num_labels, dict) else {SINGLE: HeadSpec(num_labels, text)}
         self.encoder = encoder
         self.head_cfg = head
         conf = encoder.config
@@ -124,8 +158,8 @@ class Classifier(nn.Module):
         self.use_token_types = getattr(conf, "type_vocab_size", 0) > 1
         width = conf.hidden_size * (len(self.layers) if head.layer_pool == "concat" else 1)
         init_range = getattr(conf, "initializer_range", 0.02)
-        self.heads = nn.ModuleDict({name: TaskHead(width, n, head.dropout, tcfg, init_range)
-                                    for name, (n, tcfg) in tasks.items()})
+        self.heads = nn.ModuleDict({name: TaskHead(width, spec, head.dropout, init_range)
+                                    for name, spec in tasks.items()})
         if head.freeze_encoder:
             encoder.requires_grad_(False)
 
@@ -190,21 +224,37 @@ class Classifier(nn.Module):
                 if not k.startswith("heads.") or k.startswith(prefix)}
 
     def save(self, target: Path, state_dict: dict, tokenizer, labels: list, text_fields: list,
-             task: str = None, label_field: str = "label") -> None:
+             task: str = None, label_field: str = "label", label_separator: str = ",") -> None:
         """Write one task's model to `target` (a fresh dir). `state_dict`: the consolidated one (ZeRO-3 gathers
-        it). The standard head is written as the model type's own `…ForSequenceClassification`."""
+        it). The standard head is written as the model type's own `…ForSequenceClassification`, with
+        `config.problem_type` set so HF pipelines apply softmax, sigmoid (multi-label) or nothing (regression).
+        A regression head's standardization is folded into its weights, so every loader reads values in the
+        data's scale; the statistics are kept in bert_recipe.json, and `from_pretrained` unfolds them."""
         from transformers import AutoModelForSequenceClassification
         task = task or next(iter(self.heads))
         head = self.heads[task]
+        spec = head.spec
         state_dict = self.task_state_dict(state_dict, task)
+        if spec.problem == problems.REGRESSION:
+            state_dict = {**state_dict,
+                          "classifier.weight": state_dict["classifier.weight"] * spec.target_std,
+                          "classifier.bias": state_dict["classifier.bias"] * spec.target_std + spec.target_mean}
         target.mkdir(parents=True)
         conf = self.encoder.config
         conf.dtype = torch.float32  # the exported weights are fp32 (transformers 5 reloads in the saved dtype)
         conf.id2label = {i: str(lab) for i, lab in enumerate(labels)}
         conf.label2id = {str(lab): i for i, lab in enumerate(labels)}
+        conf.problem_type = problems.HF_PROBLEM_TYPE[spec.problem]
         recipe = {"labels": labels, "text_fields": list(text_fields), "label_field": label_field,
-                  "head": vars(self.head_cfg),
+                  "problem_type": spec.problem, "head": vars(self.head_cfg),
                   "text": vars(head.text_cfg), "format": "recipe"}
+        if spec.problem == problems.REGRESSION:
+            recipe["target"] = {"mean": spec.target_mean, "std": spec.target_std}
+        if spec.problem == problems.MULTI:
+            recipe["thresholds"] = [float(t) for t in spec.thresholds]
+            recipe["label_separator"] = label_separator  # predict joins a row's labels with it in csv / tsv
+        if spec.loss_weights is not None:
+            recipe["loss_weights"] = [float(w) for w in spec.loss_weights]
         hf = None
         if self.use_pooler and not head.hierarchical:
             with _throwaway_model():
@@ -232,8 +282,9 @@ class Classifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, encoder: nn.Module = None) -> tuple["Classifier", dict]:
-        """→ (single-task model, recipe: {labels, text_fields, head, text}). `encoder`: an already built one
-        (e.g. created under ZeRO-3) to load the weights into."""
+        """→ (single-task model, recipe: {labels, text_fields, problem_type, head, text, …}). `encoder`: an
+        already built one (e.g. created under ZeRO-3) to load the weights into. Exports from before problem types
+        existed are single-label."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
         path = Path(path)
@@ -241,7 +292,11 @@ class Classifier(nn.Module):
             raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
         recipe = json.loads((path / RECIPE_FILE).read_text())
         encoder = encoder or AutoModel.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
-        model = cls(encoder, len(recipe["labels"]), HeadConfig(**recipe["head"]), TextConfig(**recipe["text"]))
+        kind = recipe.setdefault("problem_type", problems.SINGLE)
+        stats = recipe.get("target", {"mean": 0.0, "std": 1.0})
+        spec = HeadSpec(problems.num_outputs(kind, recipe["labels"]), TextConfig(**recipe["text"]), kind,
+                        recipe.get("loss_weights"), stats["mean"], stats["std"], recipe.get("thresholds"))
+        model = cls(encoder, {SINGLE: spec}, HeadConfig(**recipe["head"]))
         state = load_file(str(path / "model.safetensors"))
         if recipe["format"] == "hf":
             prefix = model.encoder.base_model_prefix + "."
@@ -250,6 +305,11 @@ class Classifier(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if kind == problems.REGRESSION:  # back to standardized units (see save)
+            with torch.no_grad():
+                lin = model.heads[SINGLE].classifier
+                lin.bias.sub_(spec.target_mean).div_(spec.target_std)
+                lin.weight.div_(spec.target_std)
         return model, recipe
 
 

@@ -113,8 +113,15 @@ class ClassificationDataConfig:
     num_proc: int = 1  # tokenizer worker processes while preparing (once per cache entry)
     dev_ratio: float = 0.1
     few_shot_fraction: Optional[float] = None  # stratified, seeded fraction of train (paper Fig. 4)
-    few_shot_per_class: Optional[int] = None  # or N examples per class
+    few_shot_per_class: Optional[int] = None  # or N examples per class (multi-label: per rarest label)
     eval_batch_size: int = 64
+    # what a text is labelled with (trainer/problems.py): one class | a list of labels | a number
+    problem_type: str = "single_label"  # single_label | multi_label | regression
+    label_separator: str = ","  # multi_label in csv / tsv: the label cell is split on it ("a,b"); "" → no split
+    class_weights: Optional[Union[str, list]] = None  # single_label: balanced | [weight per class] (cross-entropy)
+    pos_weight: Optional[Union[str, list]] = None  # multi_label: balanced | [weight per label] (BCE positives)
+    threshold: float = 0.5  # multi_label: the probability a label needs to be predicted
+    tune_thresholds: bool = False  # multi_label: per label, the threshold with the best dev F1 (saved with the model)
 
 
 @dataclass
@@ -135,6 +142,17 @@ class HeadConfig:
     pooler: bool = True  # last layer alone: go through the encoder's pooler, as BERT's own classifier
     dropout: float = 0.1
     freeze_encoder: bool = False  # BERT-Feat baseline: train the head only
+
+
+@dataclass
+class EvalConfig:
+    """How fine-tuning picks its model on dev (trainer/problems.py, trainer/loop.py)."""
+    # auto: each task's kind's default — error_rate (single_label), micro_f1 (multi_label), pearson (regression);
+    # or one metric every task has: error_rate | accuracy | macro_f1 | micro_f1 | exact_match | pearson | spearman |
+    # mse | mae. Several tasks: the mean shortfall from perfect (1 − metric where higher is better)
+    select_metric: str = "auto"
+    early_stopping_patience: int = 0  # > 0: stop after this many dev evaluations without improvement
+    early_stopping_min_delta: float = 0.0  # an improvement must lower the shortfall by more than this
 
 
 @dataclass
@@ -197,6 +215,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=-1, epochs=3.0, micro_batch_size=24,
                                                                    save_every=0, keep_last=1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -229,6 +248,7 @@ class RecipeFinetune:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=-1, epochs=3.0, micro_batch_size=24,
                                                                    save_every=0, keep_last=1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
+    eval: EvalConfig = field(default_factory=EvalConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
@@ -261,6 +281,7 @@ CHOICES = {
     "data.corpora.format": ("auto", "txt", "jsonl", "csv", "tsv", "parquet", "hub"),
     "data.corpora.doc_separator": ("line", "blank"),
     "data.format": ("auto", "jsonl", "csv", "tsv", "parquet", "hub"),
+    "data.problem_type": ("single_label", "multi_label", "regression"),
     "text.strategy": ("head", "tail", "head_tail", "hierarchical"),
     "text.chunk_pool": ("mean", "max", "attention"),
     "head.layer_pool": ("concat", "mean", "max"),

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .metrics import classification_metrics
+from . import problems
 from .text.batching import rank_eval_batches
 
 log = logging.getLogger(__name__)
@@ -40,41 +40,60 @@ def gathered_logits(logits_of: Callable[[np.ndarray], torch.Tensor], lengths: np
 
 
 class Evaluator:
-    """Dev / test metrics of every task of a fine-tuning run, computed through the engine that trains it.
+    """Dev / test metrics of every task of a fine-tuning run, computed through the engine that trains it, and the
+    number the run selects its best checkpoint by (`shortfall`, trainer/problems.py).
 
-    `tasks` are `stages.finetune.Task`s (name, vocab, splits, lengths, data.eval_batch_size, batch())."""
+    `tasks` are `stages.finetune.Task`s (name, problem, vocab, spec, splits, lengths, data, batch())."""
 
-    def __init__(self, tasks: list, accelerator, topo):
+    def __init__(self, tasks: list, accelerator, topo, select_metric: str = "auto"):
         self.tasks, self.accelerator, self.topo = tasks, accelerator, topo
+        self.select = problems.selection_metrics([t.problem for t in tasks], select_metric)
 
     def logits(self, model, task, split: str) -> np.ndarray:
         device = self.accelerator.device
 
         def logits_of(idx):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.batch(split, idx).items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in task.batch(split, idx, labels=False).items()}
             return model(**batch, task=task.name)[1]
 
-        return gathered_logits(logits_of, task.lengths[split], task.data.eval_batch_size, len(task.vocab),
+        return gathered_logits(logits_of, task.lengths[split], task.data.eval_batch_size, task.spec.num_outputs,
                                self.topo.world_size, self.topo.rank, device, self.accelerator.gather)
+
+    def _metrics(self, task, logits: np.ndarray, split: str) -> dict:
+        thresholds = np.asarray(task.spec.thresholds, dtype=np.float32) if task.spec.thresholds else None
+        return problems.metrics(task.problem, logits, task.splits[split].labels, task.vocab, thresholds)
 
     def __call__(self, model, split: str = "dev") -> dict:
         """{task: metrics} on `split` for the tasks that have it (collective)."""
-        return {t.name: classification_metrics(self.logits(model, t, split).argmax(-1), t.splits[split].labels,
-                                               len(t.vocab)) for t in self.tasks if split in t.splits}
+        return {t.name: self._metrics(t, self.logits(model, t, split), split) for t in self.tasks if split in t.splits}
+
+    def shortfall(self, result: dict) -> tuple[float, dict]:
+        """(mean shortfall from perfect over the tasks — lower is better —, {task: (metric, value)})."""
+        picked = {t.name: (m, result[t.name][m]) for t, m in zip(self.tasks, self.select) if t.name in result}
+        return sum(problems.shortfall(m, v) for m, v in picked.values()) / len(picked), picked
 
     def write_results(self, model, path: Path, single: bool) -> None:
         """Evaluate dev and test once each (all tasks together) and write `eval_results.json` (collective):
-        one task's {split: metrics}, or {task: {split: metrics}} for a multi-task run."""
+        one task's {split: metrics}, or {task: {split: metrics}} for a multi-task run. A multi-label task with
+        `data.tune_thresholds` first picks each label's threshold on dev (kept in its head, saved with it)."""
         model.eval()
         splits = [s for s in ("dev", "test") if any(s in t.splits for t in self.tasks)]
         with torch.no_grad():
-            by_split = {s: self(model, s) for s in splits}
-        results = {t.name: {s: by_split[s][t.name] for s in splits if s in t.splits} for t in self.tasks}
+            logits = {s: {t.name: self.logits(model, t, s) for t in self.tasks if s in t.splits} for s in splits}
+        for t in self.tasks:
+            if t.data.tune_thresholds:
+                t.spec.thresholds = problems.tune_thresholds(logits["dev"][t.name], t.splits["dev"].labels,
+                                                             t.data.threshold).tolist()
+                log.info(f"{'' if single else t.name + ' '}thresholds tuned on dev: "
+                         + ", ".join(f"{lab}={x:.2f}" for lab, x in zip(t.vocab, t.spec.thresholds)))
+        results = {t.name: {s: self._metrics(t, logits[s][t.name], s) for s in splits if s in t.splits}
+                   for t in self.tasks}
         if not self.accelerator.is_main_process:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[self.tasks[0].name] if single else results, indent=1))
         for t in self.tasks:
             for split, r in results[t.name].items():
-                log.info(f"{'' if single else t.name + ' '}{split}: accuracy {r['accuracy']:.4f} · "
-                         f"error {r['error_rate']:.4f} · macro-F1 {r['macro_f1']:.4f} ({r['n']} examples)")
+                log.info(f"{'' if single else t.name + ' '}{split}: {problems.summary_line(t.problem, r)} "
+                         f"({r['n']} examples)")

@@ -238,11 +238,14 @@ def collect(cfg: GridConfig, grid: list[Point]) -> list[dict]:
         if cfg.stage == "finetune":
             results = json.loads((p.out / "eval_results.json").read_text())
             for split in ("dev", "test"):
-                if split in results:
+                if split in results and "error_rate" in results[split]:  # single-label
                     row[f"{split}_error"] = results[split]["error_rate"]
                     row[f"{split}_accuracy"] = results[split]["accuracy"]
                     row[f"{split}_macro_f1"] = results[split]["macro_f1"]
-            row["dev_curve"] = _dev_curve(p.out / "metrics.jsonl")
+                elif split in results:  # multi-label, regression: their headline metric (problems.headline)
+                    row["metric"] = "micro_f1" if "micro_f1" in results[split] else "pearson"
+                    row[f"{split}_score"] = results[split][row["metric"]]
+            row["dev_curve"] = _dev_curve(p.out / "metrics.jsonl", row.get("metric", "error_rate"))
         elif cfg.stage == "recipe":
             row["table"] = json.loads((p.out / "results.json").read_text())
         else:
@@ -260,13 +263,14 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _dev_curve(path: Path) -> list:
-    """[(epoch, step, dev error)] of the run's dev evaluations (paper Fig. 2); epochs from the training lines."""
+def _dev_curve(path: Path, metric: str = "error_rate") -> list:
+    """[(epoch, step, dev value)] of the run's dev evaluations (paper Fig. 2: the error rate; a multi-label or
+    regression task's headline metric); epochs from the training lines."""
     records = _records(path)
     train = [r for r in records if "epoch" in r and r.get("step")]
     per_step = train[-1]["epoch"] / train[-1]["step"] if train else None
-    return [[r["step"] * per_step if per_step else None, r["step"], r["error_rate"]]
-            for r in records if r.get("split") == "dev" and "error_rate" in r]
+    return [[r["step"] * per_step if per_step else None, r["step"], r[metric]]
+            for r in records if r.get("split") == "dev" and metric in r]
 
 
 def parse_shard(text: Optional[str]) -> tuple[int, int]:

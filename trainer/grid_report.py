@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import paper
+from . import paper, problems
 from .config import GridConfig
 
 AUTO = [("text.strategy", "truncation"), ("text.chunk_pool", "truncation"), ("head.layers", "layer"),
@@ -60,10 +60,24 @@ def namer(cfg: GridConfig):
 
 
 def _error(r: dict, stage_task: Optional[tuple] = None) -> Optional[float]:
+    """The point's value: its test (else dev) error rate — or, for a multi-label or regression task, the metric
+    in its `metric` (grid.collect; micro-F1, Pearson) —, or one task and stage of a recipe point's table."""
     if stage_task is not None:
         task, stage = stage_task
         return r.get("table", {}).get(task, {}).get(stage)
-    return r.get("test_error", r.get("dev_error"))
+    return r.get("test_error", r.get("test_score", r.get("dev_error", r.get("dev_score"))))
+
+
+def _dev(r: dict) -> Optional[float]:
+    return r.get("dev_error", r.get("dev_score"))
+
+
+METRIC_LABELS = {"error_rate": "error", "micro_f1": "micro-F1", "pearson": "Pearson ×100"}
+
+
+def _metric(rows: list) -> str:
+    """The metric of a fine-tuning grid's values (problems.headline): error_rate unless its task is another kind."""
+    return next((r["metric"] for r in rows if "metric" in r), "error_rate")
 
 
 def _stats(values: list) -> tuple[float, float, int]:
@@ -115,9 +129,12 @@ def write_report(cfg: GridConfig, rows: list[dict], out: Path) -> list[str]:
 
 def _table(cfg, study, axes, by, rows) -> str:
     show = namer(cfg)
-    split = "test" if any("test_error" in r for r in rows) else "dev"
+    split = "test" if any("test_error" in r or "test_score" in r for r in rows) else "dev"
+    metric = _metric(rows)
+    what = METRIC_LABELS[metric]
     lines = [f"# {TITLES.get(study, 'Grid')}", "",
-             f"{len(rows)} finished run(s); error rate (%) as mean ± sd over seeds {cfg.seeds}"
+             f"{len(rows)} finished run(s); {'error rate' if what == 'error' else what} (%) as mean ± sd over "
+             f"seeds {cfg.seeds}"
              + (f"; paper: Sun et al. 2019, {cfg.paper_dataset}" if cfg.paper_dataset else "") + ".", ""]
     if cfg.stage == "recipe":  # Tables 5–7: a row per task (per axis combination), a column per stage
         tasks, stages = _tasks_stages(rows)
@@ -133,18 +150,20 @@ def _table(cfg, study, axes, by, rows) -> str:
                 lines.append("| " + " | ".join([""] * len(axes) + ref) + " |")
         return "\n".join(lines) + "\n"
     ref = PAPER_TABLES.get(study)
-    head = [*axes, "dev error", f"{split} error", "seeds"] + (["paper"] if ref and cfg.paper_dataset else [])
+    head = [*axes, f"dev {what}", f"{split} {what}", "seeds"] + (["paper"] if ref and cfg.paper_dataset else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for combo, rs in by.items():
-        cells = [*map(show, axes, combo), _cell([r.get("dev_error") for r in rs]), _cell([_error(r) for r in rs]),
+        cells = [*map(show, axes, combo), _cell([_dev(r) for r in rs]), _cell([_error(r) for r in rs]),
                  str(len(rs))]
         if ref and cfg.paper_dataset:
             value = paper.lookup(ref, cfg.paper_dataset, paper_key(study, rs[0]["params"]))
             cells.append(f"{value:.2f}" if value is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    best = min(by.items(), key=lambda kv: _stats([_error(r) for r in kv[1]])[0], default=None)
+    higher = problems.HIGHER_IS_BETTER[metric]
+    best = (max if higher else min)(by.items(), key=lambda kv: _stats([_error(r) for r in kv[1]])[0], default=None)
     if best is not None:
-        lines += ["", f"Lowest {split} error: {', '.join(f'{k}={show(k, v)}' for k, v in zip(axes, best[0]))}"]
+        lines += ["", f"{'Highest' if higher else 'Lowest'} {split} {what}: "
+                      f"{', '.join(f'{k}={show(k, v)}' for k, v in zip(axes, best[0]))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +185,9 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
         written.append(str(out / f"{name}.png"))
 
     # a recipe's results.json holds test errors; fine-tuning points have test_error when a test split was given
-    ylabel = "test error (%)" if cfg.stage == "recipe" or any("test_error" in r for r in rows) else "dev error (%)"
+    what = METRIC_LABELS[_metric(rows)]
+    ylabel = (f"test {what} (%)" if cfg.stage == "recipe" or any("test_error" in r or "test_score" in r for r in rows)
+              else f"dev {what} (%)")
     if cfg.stage == "recipe":
         cells = sorted({(t, s) for r in rows for t, st in r.get("table", {}).items() for s in st})
         if not axes:  # seeds only (Tables 5–7): bars per task, one per stage, the paper's number as a star
@@ -218,7 +239,7 @@ def _figures(cfg, study, axes, by, rows, out: Path) -> list[str]:
             ys = np.mean([[100 * p[2] for p in r["dev_curve"][:n]] for r in rs], axis=0)
             ax.plot(epochs, ys, marker="o", label=f"lr {lr:g}")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("dev error (%)")
+        ax.set_ylabel(f"dev {what} (%)")
         ax.set_title(TITLES["forgetting"] + (f" (ξ = {first_xi})" if first_xi is not None else ""), fontsize=9)
         ax.legend()
         save(fig, "forgetting")

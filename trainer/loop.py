@@ -17,7 +17,7 @@ import torch
 from . import checkpoint, reshard
 from .checkpoint import TrainerState
 from .config import OptimConfig, TrainConfig, WandbConfig
-from .distributed import Topology
+from .distributed import Topology, decided_by_main
 from .errors import UserError
 from .optim.param_groups import implementation, keep_implementation
 from .optim.schedules import GroupSchedule
@@ -38,10 +38,12 @@ class Job:
     tokens: Callable[[dict], torch.Tensor] = (  # real tokens (an unpadded batch has no padding to mask)
         lambda b: b["attention_mask"].sum() if "attention_mask" in b else torch.tensor(b["input_ids"].numel()))
     flops_per_token: Optional[float] = None
-    # fine-tuning: model → {task: dev metrics} (collective); the loop keeps the checkpoint with the best
-    # `select_metric` averaged over tasks and restores it before `export`, which then evaluates test once
+    # fine-tuning: model → {task: dev metrics} (collective); `select` turns them into (one number, lower is better;
+    # {task: (metric, value)}) — trainer/problems.py. The loop keeps the best checkpoint and restores it before
+    # `export`, which then evaluates test once; `early_stopping` (EvalConfig) may end the run before its last step
     evaluate: Optional[Callable[[torch.nn.Module], dict]] = None
-    select_metric: str = "accuracy"
+    select: Optional[Callable[[dict], tuple]] = None
+    early_stopping: Optional[object] = None
     # step → a factor per optimizer group (multi-task: 0 for the heads of tasks not drawn, so they do not move)
     lr_gate: Optional[Callable[[int], list]] = None
     # optimizer steps before the lr schedule starts (pre-training's head warm-up): they run at the base lrs × gate
@@ -177,7 +179,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
                 window_steps, t_window = 0, time.perf_counter()
             eval_every = train.eval_every or steps_per_epoch
             if job.evaluate is not None and (state.step % eval_every == 0 or state.step == steps):
-                _evaluate(job, model, accelerator, cfg, state, tracker, guard)
+                if _evaluate(job, model, accelerator, cfg, state, tracker, guard) and state.step < steps:
+                    break  # early stopping: the run ends as a finished one does (best model exported, test once)
             preempted = stop.agreed(accelerator, sync_point=state.step % train.log_every == 0)
             if (state.step == train.stop_at_step or preempted) and state.step < steps:
                 guard()
@@ -265,22 +268,53 @@ def _check_window_finite(accelerator, loss_sum: torch.Tensor, step: int, output_
     _refuse_non_finite(total.item(), step, output_dir)
 
 
-def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState, tracker: Tracker, guard) -> None:
-    """Dev evaluation; a better `select_metric` than before saves the `best` checkpoint."""
+def _evaluate(job: Job, model, accelerator, cfg: LoopConfig, state: TrainerState, tracker: Tracker, guard) -> bool:
+    """Dev evaluation. An evaluation that lowers the selection shortfall by more than the early-stopping min delta
+    (any amount without one) saves the `best` checkpoint; → True when early stopping ends the run here.
+
+    The decision is taken on the main process and broadcast: every rank computes the same metrics from the same
+    gathered logits, but one decision is the guarantee that all ranks leave the loop at the same step (a rank
+    that went on would wait in the next collective forever). The count of evaluations without improvement is in
+    the checkpoint's state, so a resumed run keeps its patience."""
     model.eval()
     with torch.no_grad():
         result = job.evaluate(model)
     model.train()
     for task, metrics in result.items():
         tracker.log({"step": state.step, "split": "dev", "task": task,
-                     **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
-    value = sum(m[job.select_metric] for m in result.values()) / len(result)
-    if len(result) > 1:
-        tracker.log({"step": state.step, "split": "dev", "task": "average", job.select_metric: value})
-    if value > state.extra.get("best_metric", float("-inf")):  # (the same decision on every rank)
-        state.extra.update(best_metric=value, best_step=state.step)
+                     **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}})
+    value, picked = job.select(result)
+    stopping = job.early_stopping
+    patience = stopping.early_stopping_patience if stopping is not None else 0
+    min_delta = stopping.early_stopping_min_delta if stopping is not None else 0.0
+
+    def decide() -> tuple[bool, int]:
+        improved = value < state.extra.get("best_shortfall", float("inf")) - min_delta
+        return improved, 0 if improved else state.extra.get("evals_without_improvement", 0) + 1
+
+    improved, waited = decided_by_main(accelerator, decide)
+    state.extra["evals_without_improvement"] = waited
+    names = sorted({m for m, _ in picked.values()})
+    line = {"step": state.step, "selection": names[0] if len(names) == 1 else "+".join(names), "shortfall": value,
+            "improved": improved, "evals_without_improvement": waited}
+    if len(result) > 1:  # the mean of every metric all tasks have (accuracy when they are all single-label)
+        shared = set.intersection(*({k for k, v in m.items() if isinstance(v, float)} for m in result.values()))
+        tracker.log({"step": state.step, "split": "dev", "task": "average",
+                     **{k: sum(m[k] for m in result.values()) / len(result) for k in sorted(shared)}})
+    tracker.log(line)
+    if improved:
+        state.extra.update(best_shortfall=value, best_step=state.step)
         guard()
         checkpoint.save(accelerator, cfg.output_dir, state, cfg.train.keep_last, name=checkpoint.BEST)
+    if patience and waited >= patience:
+        why = (f"early stopping: {waited} dev evaluations without improving the selection shortfall by more than "
+               f"{min_delta:g} (best {state.extra.get('best_shortfall', float('nan')):.4f} at step "
+               f"{state.extra.get('best_step')})")
+        log.info(why)
+        tracker.log({"step": state.step, "event": "early_stop", "reason": why,
+                     "best_step": state.extra.get("best_step")})
+        return True
+    return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

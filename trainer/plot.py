@@ -102,15 +102,25 @@ def new_figure(panels: int, size: tuple):
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 
+DEV_SCORES = ("accuracy", "micro_f1", "pearson")  # the score drawn per task kind (problems.py): all higher-better
+
+
+def _dev_score(lines: list[dict]) -> Optional[str]:
+    return next((k for k in DEV_SCORES if any(isinstance(r.get(k), (int, float)) for r in lines)), None)
+
+
 def _dev_metric_lines(dev: dict[str, list[dict]]) -> list[tuple[str, list, list, dict]]:
-    """(label, steps, values, style) for the dev panel: accuracy of each task, the average (multi-task) drawn
-    last and bold; a single-task run also shows its macro-F1 (dashed) — on skewed labels the two disagree."""
+    """(label, steps, values, style) for the dev panel: each task's score — accuracy, or micro-F1 (multi-label) or
+    Pearson (regression) —, the average accuracy (multi-task) drawn last and bold; a single-task run also shows its
+    macro-F1 (dashed) — on skewed labels the two disagree."""
     lines = []
     tasks = [t for t in dev if t != "average"]
     for task in tasks:
-        pts = [(r["step"], r["accuracy"]) for r in dev[task] if isinstance(r.get("accuracy"), (int, float))]
+        key = _dev_score(dev[task])
+        pts = [(r["step"], r[key]) for r in dev[task] if isinstance(r.get(key), (int, float))] if key else []
         if pts:
-            lines.append(("accuracy" if task == "default" else task, *map(list, zip(*pts)), {"marker": "o"}))
+            name = ("" if task == "default" else task) + ("" if key == "accuracy" else f" {key}")
+            lines.append((name.strip() or key, *map(list, zip(*pts)), {"marker": "o"}))
     if len(tasks) == 1:
         pts = [(r["step"], r["macro_f1"]) for r in dev[tasks[0]] if isinstance(r.get("macro_f1"), (int, float))]
         if pts:
@@ -223,10 +233,13 @@ def save_figure(fig, out: Path, svg: bool = False) -> None:
 
 
 def plot_results_table(table: dict, columns: list, out: Path, title: str, sd: Optional[dict] = None,
-                       svg: bool = False) -> Path:
+                       svg: bool = False, names: Optional[dict] = None) -> Path:
     """Recipe results as grouped bars: test error per task (groups) and stage (bars), error rates as fractions.
     `sd` (same shape as `table`): error bars — a grid's mean ± sd over seeds — instead of value labels. The
-    paper's BERT-base number is a ★ wherever it has the task and stage (`paper.stage_error`)."""
+    paper's BERT-base number is a ★ wherever it has the task and stage (`paper.stage_error`). `names`: {task:
+    metric} for tasks whose values are another metric than the error rate (micro-F1, Pearson; drawn × 100 and
+    named under the task, without the paper's star)."""
+    names = names or {}
     from .paper import stage_error
     fig, (ax,) = new_figure(1, (max(6.0, 1.6 * len(table) + 2), 4.2))
     width = 0.8 / max(1, len(columns))
@@ -239,12 +252,12 @@ def plot_results_table(table: dict, columns: list, out: Path, title: str, sd: Op
         else:
             ax.bar(xs, ys, width, yerr=[100 * sd.get(t, {}).get(col, 0.0) for t in table], capsize=3, label=col)
         for x, task in zip(xs, table):
-            ref = stage_error(task, col)
+            ref = stage_error(task, col) if task not in names else None
             if ref is not None:
                 ax.plot(x, ref, "k*", markersize=8, label=None if starred else "paper (BERT-base)")
                 starred = True
-    ax.set_xticks(range(len(table)), list(table))
-    ax.set_ylabel("test error (%)")
+    ax.set_xticks(range(len(table)), [f"{t}\n({names[t]} × 100)" if t in names else t for t in table])
+    ax.set_ylabel("test error (%)" if not names else "test error (%), or the metric under the task")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -284,7 +297,8 @@ def plot_overlay(run_dirs: Sequence[Path], out: Path) -> Path:
                      **_marker(len(train)))
         if has_dev:
             task = "average" if "average" in dev else next(iter(dev), None)
-            pts = [(r["step"], r["accuracy"]) for r in dev.get(task, []) if isinstance(r.get("accuracy"), (int, float))]
+            key = _dev_score(dev.get(task, [])) or "accuracy"
+            pts = [(r["step"], r[key]) for r in dev.get(task, []) if isinstance(r.get(key), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
                 axes[1].plot(xs, ys, label=label, color=color, marker="o", markersize=4)
@@ -292,8 +306,8 @@ def plot_overlay(run_dirs: Sequence[Path], out: Path) -> Path:
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     if has_dev:
-        axes[1].set(title="dev accuracy (multi-task: average over tasks)", xlabel="optimizer step",
-                    ylabel="dev accuracy")
+        axes[1].set(title="dev score (accuracy · micro-F1 · Pearson; multi-task: average accuracy)",
+                    xlabel="optimizer step", ylabel="dev score")
         axes[1].grid(alpha=0.3)
         axes[1].legend(fontsize=8, loc="best")
     _integer_steps(axes)

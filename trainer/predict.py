@@ -6,7 +6,11 @@ The input is prepared like training data (tokenized once into the memory-mapped 
 tolerant mode: a row that cannot be read (not UTF-8, not JSON) or has no text is reported with its row number
 and predicted as an empty text — its output row says why in `error` — or, with `skip_bad_rows`, left out. A
 million-row file never stops at one bad row. Pass-through columns come from a second streaming read of the input
-when the output is written (rank 0), so memory holds only the probabilities (rows × labels floats)."""
+when the output is written (rank 0), so memory holds only the probabilities (rows × labels floats).
+
+What a row gets follows the model's problem type (trainer/problems.py): `label` and each class's softmax
+probability (single_label); `labels`, the list of labels whose sigmoid probability reaches the label's threshold,
+and every label's probability (multi_label); `value`, in the training data's scale (regression)."""
 from __future__ import annotations
 
 import csv
@@ -21,11 +25,11 @@ import numpy as np
 import torch
 from accelerate.utils import gather
 
-from .classifier import Classifier
+from . import problems
+from .classifier import SINGLE, Classifier
 from .config import ClassificationDataConfig
 from .errors import UserError
 from .evaluate import gathered_logits
-from .metrics import classification_metrics
 from .text.batching import Collator
 from .text.sources import read_records, source_of
 from .text.store import prepare_split
@@ -64,7 +68,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fields = list(text_fields or recipe.get("text_fields") or ["text"])
     label_field = label_field or recipe.get("label_field", "label")
-    labels = recipe["labels"]
+    labels, kind = recipe["labels"], recipe["problem_type"]
+    thresholds = np.asarray(recipe["thresholds"], dtype=np.float32) if kind == problems.MULTI else None
     data_cfg = ClassificationDataConfig(text_fields=fields, label_field=label_field)
     source = source_of(input_path, data_cfg, "test")
     wanted = [c for c in [id_field, *keep] if c]
@@ -77,7 +82,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
                                     f"(fields: {', '.join(map(str, record))})")
                 break
     with state.main_process_first():  # rank 0 prepares (or finds the cache), the others map what it wrote
-        store = prepare_split(source, fields, label_field, tokenizer, default_cache_dir(), num_proc, tolerant=True)
+        store = prepare_split(source, fields, label_field, tokenizer, default_cache_dir(), num_proc, tolerant=True,
+                              empty_label_set=kind == problems.MULTI)
     bad = store.bad_rows()
     keep_mask = np.ones(store.n, dtype=bool)
     if bad and skip_bad_rows:
@@ -89,8 +95,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
 
     def logits_of(idx):
         rows = kept[idx]
-        batch = collate([encoder.encode_pieces(store.pieces(int(i))) for i in rows], np.zeros(len(rows), np.int64))
-        return model(**{k: v.to(state.device) for k, v in batch.items()})[1]
+        batch = collate([encoder.encode_pieces(store.pieces(int(i))) for i in rows])
+        return model(**{k: v.to(state.device) if torch.is_tensor(v) else v for k, v in batch.items()})[1]
 
     progress_bar = None
     if progress and state.is_main_process:
@@ -98,14 +104,16 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
         progress_bar = partial(tqdm, desc=f"predict ({state.num_processes} process"
                                f"{'es' if state.num_processes > 1 else ''}, rank 0's share)", unit="batch")
     with torch.no_grad():
-        logits = gathered_logits(logits_of, lengths[kept], batch_size, len(labels), state.num_processes,
-                                 state.process_index, state.device, gather, progress_bar)
+        logits = gathered_logits(logits_of, lengths[kept], batch_size, model.heads[SINGLE].spec.num_outputs,
+                                 state.num_processes, state.process_index, state.device, gather, progress_bar)
     summary = {}
     if state.is_main_process:
-        table = np.zeros((store.n, len(labels)), dtype=np.float32)
-        table[kept] = torch.softmax(torch.from_numpy(logits), -1).numpy()
-        summary = _write(output_path, fmt, source, store, table, keep_mask, labels, fields, label_field, id_field,
-                         list(keep), probabilities, bad)
+        table = np.zeros((store.n, logits.shape[1]), dtype=np.float32)  # probabilities, or the values
+        table[kept] = {problems.SINGLE: problems.softmax, problems.MULTI: problems.sigmoid}.get(
+            kind, lambda x: x)(logits)
+        out = Output(kind, labels, thresholds, fields, label_field, id_field, list(keep),
+                     probabilities and kind != problems.REGRESSION, recipe.get("label_separator", ","))
+        summary = _write(output_path, fmt, source, store, table, keep_mask, out, bad)
         if bad:
             shown = "; ".join(f"row {b['row']}: {b['problem']}" for b in bad[:5])
             log.warning(f"{len(bad)} row(s) could not be read or had no text ({shown}{' …' if len(bad) > 5 else ''}) "
@@ -115,29 +123,73 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     return summary
 
 
-def _gold(store, labels: list) -> np.ndarray:
-    """The model's class id of each row's label; -1 for no label or one the model does not know."""
+class Output:
+    """What an output row holds, by problem type (module docstring)."""
+
+    def __init__(self, kind: str, labels: list, thresholds, fields: list, label_field: str, id_field, keep: list,
+                 probabilities: bool, separator: str):
+        self.kind, self.labels, self.thresholds = kind, labels, thresholds
+        self.fields, self.label_field, self.probabilities, self.separator = fields, label_field, probabilities, separator
+        self.wanted = [c for c in [id_field, *keep] if c]
+        self.column = {problems.SINGLE: "label", problems.MULTI: "labels", problems.REGRESSION: "value"}[kind]
+
+    def prediction(self, row: np.ndarray):
+        if self.kind == problems.SINGLE:
+            return self.labels[int(row.argmax())]
+        if self.kind == problems.MULTI:
+            return [lab for lab, p, t in zip(self.labels, row, self.thresholds) if p >= t]
+        return float(row[0])
+
+    def predictions(self, table: np.ndarray) -> np.ndarray:
+        """As targets (problems.py) for the metrics: class ids, 0/1 per label, values."""
+        if self.kind == problems.SINGLE:
+            return table.argmax(-1)
+        return (table >= self.thresholds).astype(np.int8) if self.kind == problems.MULTI else table[:, 0]
+
+
+def _gold(store, out: Output) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, known): each row's label as the model's target (problems.py), and whether it has one the model
+    knows (no label, or a label outside the model's, is left out of the metrics and counted)."""
+    labels = out.labels
     index = {str(lab): i for i, lab in enumerate(labels)}
     names = store.label_names or []  # ClassLabel ids of a hub-format input name their class
-    of_value = np.array([index.get(str(names[v] if isinstance(v, int) and 0 <= v < len(names) else v), -1)
-                         for v in store.label_values] + [-1], dtype=np.int64)
-    return of_value[np.asarray(store.label)]  # label -1 (none) picks the trailing -1
+    rows = np.asarray(store.label)
+    n_values = len(store.label_values)
+    known_value = np.zeros(n_values + 1, dtype=bool)  # (+1: label -1, no label, picks the trailing False)
+    if out.kind == problems.SINGLE:
+        ids = np.full(n_values + 1, -1, dtype=np.int64)
+        for v, value in enumerate(store.label_values):
+            if not isinstance(value, list):
+                ids[v] = index.get(str(names[value] if isinstance(value, int) and 0 <= value < len(names) else value), -1)
+        return ids[rows], ids[rows] >= 0
+    if out.kind == problems.MULTI:
+        table = np.zeros((n_values + 1, len(labels)), dtype=np.float32)
+        for v, value in enumerate(store.label_values):
+            found = [index.get(str(lab)) for lab in problems.label_set(
+                store, v, value, out.separator if isinstance(value, str) else "", names)]
+            if None not in found:
+                table[v, found], known_value[v] = 1.0, True
+        return table[rows], known_value[rows]
+    values = np.zeros(n_values + 1, dtype=np.float64)
+    for v, value in enumerate(store.label_values):
+        try:
+            values[v] = float(value)
+            known_value[v] = bool(np.isfinite(values[v]))
+        except (TypeError, ValueError):
+            pass
+    return values[rows], known_value[rows]
 
 
-def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.ndarray, labels: list,
-           fields: list, label_field: str, id_field: Optional[str], keep: list, probabilities: bool,
+def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.ndarray, out: Output,
            bad: list) -> dict:
     """Stream the input again (for pass-through columns) and write one output row per kept input row, in order;
     written to a temp file and renamed, so an existing output is never half-replaced."""
-    problems = {b["row"]: b["problem"] for b in bad} if keep_mask.all() else {}  # (skipped: no error column)
+    problems_of = {b["row"]: b["problem"] for b in bad} if keep_mask.all() else {}  # (skipped: no error column)
     rows = np.asarray(store.row)
-    pred = table.argmax(-1)
-    wanted = [c for c in [id_field, *keep] if c]
-    out_rows = _output_rows(source, fields, label_field, wanted, rows, keep_mask, table, pred, labels,
-                            probabilities, problems)
+    out_rows = _output_rows(source, out, rows, keep_mask, table, problems_of)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        n = _WRITERS[fmt](tmp, out_rows, labels, wanted, probabilities, bool(problems))
+        n = _WRITERS[fmt](tmp, out_rows, out, bool(problems_of))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -147,36 +199,39 @@ def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.
         Path(side).unlink(missing_ok=True)
     if bad:
         Path(f"{path}.bad_rows.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bad))
-    gold = _gold(store, labels)
-    scored = keep_mask & (gold >= 0)
+    gold, known = _gold(store, out)
+    scored = keep_mask & known
     if scored.any():
-        metrics = classification_metrics(pred[scored], gold[scored], len(labels))
-        metrics.update(labels=labels, unlabeled=int((np.asarray(store.label) < 0).sum()),
-                       unknown_labels=int(((np.asarray(store.label) >= 0) & (gold < 0)).sum()))
+        pred = out.predictions(table)
+        metrics = problems.single_label_metrics(pred[scored], gold[scored], out.labels) if out.kind == problems.SINGLE \
+            else problems.multi_label_metrics(pred[scored], gold[scored], out.labels) if out.kind == problems.MULTI \
+            else problems.regression_metrics(pred[scored], gold[scored])
+        labelled = np.asarray(store.label) >= 0
+        metrics.update(problem_type=out.kind, labels=out.labels, unlabeled=int((~labelled).sum()),
+                       unknown_labels=int((labelled & ~known).sum()))
         summary["metrics"] = metrics
         Path(f"{path}.metrics.json").write_text(json.dumps(metrics, indent=1))
     return summary
 
 
-def _output_rows(source, fields, label_field, wanted, rows, keep_mask, table, pred, labels, probabilities,
-                 problems):
+def _output_rows(source, out: Output, rows, keep_mask, table, problems_of):
     i = 0
-    for row, record in read_records(source, [*fields, *wanted], label_field, True, {}):
+    for row, record in read_records(source, [*out.fields, *out.wanted], out.label_field, True, {}):
         if i >= len(rows) or rows[i] != row:  # (blank jsonl lines are no rows of the store either)
             continue
         if keep_mask[i]:
             found = record if isinstance(record, dict) else getattr(record, "record", None) or {}
-            out = {c: found.get(c) for c in wanted}
-            out["label"] = labels[int(pred[i])]
-            if probabilities:
-                out["probabilities"] = {str(lab): round(float(x), 6) for lab, x in zip(labels, table[i])}
-            if problems:
-                out["error"] = problems.get(int(row))
-            yield out
+            r = {c: found.get(c) for c in out.wanted}
+            r[out.column] = out.prediction(table[i])
+            if out.probabilities:
+                r["probabilities"] = {str(lab): round(float(x), 6) for lab, x in zip(out.labels, table[i])}
+            if problems_of:
+                r["error"] = problems_of.get(int(row))
+            yield r
         i += 1
 
 
-def _write_jsonl(path, rows, labels, wanted, probabilities, errors) -> int:
+def _write_jsonl(path, rows, out: Output, errors) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
@@ -185,43 +240,50 @@ def _write_jsonl(path, rows, labels, wanted, probabilities, errors) -> int:
     return n
 
 
-def _flat(r: dict, labels: list) -> dict:
+def _flat(r: dict, out: Output) -> dict:
     p = r.pop("probabilities", None)
     if p is not None:
-        r.update({f"p_{lab}": p[str(lab)] for lab in labels})
+        r.update({f"p_{lab}": p[str(lab)] for lab in out.labels})
     return r
 
 
-def _columns(labels, wanted, probabilities, errors) -> list:
-    return [*wanted, "label", *([f"p_{lab}" for lab in labels] if probabilities else []), *(["error"] if errors else [])]
+def _columns(out: Output, errors) -> list:
+    return [*out.wanted, out.column, *([f"p_{lab}" for lab in out.labels] if out.probabilities else []),
+            *(["error"] if errors else [])]
 
 
-def _write_delimited(path, rows, labels, wanted, probabilities, errors, delimiter) -> int:
+def _write_delimited(path, rows, out: Output, errors, delimiter) -> int:
+    """A multi-label row's labels are one cell, joined with the separator the model was trained with."""
     n = 0
     with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, _columns(labels, wanted, probabilities, errors), delimiter=delimiter)
+        writer = csv.DictWriter(f, _columns(out, errors), delimiter=delimiter)
         writer.writeheader()
         for r in rows:
-            writer.writerow(_flat(r, labels))
+            r = _flat(r, out)
+            if out.kind == problems.MULTI:
+                r["labels"] = out.separator.join(map(str, r["labels"]))
+            writer.writerow(r)
             n += 1
     return n
 
 
-def _write_parquet(path, rows, labels, wanted, probabilities, errors) -> int:
+def _write_parquet(path, rows, out: Output, errors) -> int:
     """Pass-through columns as text (their types may differ from row to row in jsonl input)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    columns = _columns(labels, wanted, probabilities, errors)
-    label_type = pa.int64() if all(isinstance(x, int) for x in labels) else pa.string()
-    schema = pa.schema([(c, pa.string()) for c in wanted] + [("label", label_type)] +
-                       [(c, pa.float32()) for c in columns if c.startswith("p_") and c not in wanted] +
+    columns = _columns(out, errors)
+    label_type = pa.int64() if all(isinstance(x, int) for x in out.labels) else pa.string()
+    prediction_type = {problems.SINGLE: label_type, problems.MULTI: pa.list_(label_type),
+                       problems.REGRESSION: pa.float64()}[out.kind]
+    schema = pa.schema([(c, pa.string()) for c in out.wanted] + [(out.column, prediction_type)] +
+                       [(c, pa.float32()) for c in columns if c.startswith("p_") and c not in out.wanted] +
                        ([("error", pa.string())] if errors else []))
     n = 0
     with pq.ParquetWriter(path, schema) as writer:
         buf = []
         for r in rows:
-            r = _flat(r, labels)
-            for c in wanted:
+            r = _flat(r, out)
+            for c in out.wanted:
                 r[c] = None if r[c] is None else (r[c] if isinstance(r[c], str) else json.dumps(r[c], default=str))
             buf.append(r)
             if len(buf) == 10_000:

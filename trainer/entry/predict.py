@@ -3,8 +3,9 @@
 The truncation / hierarchy and label vocabulary are read from the model dir, so inputs are prepared exactly as
 in training (and cached: a second prediction over the same file with the same tokenizer skips tokenizing).
 Formats by extension, in and out: .jsonl, .csv, .tsv, .parquet. One output row per input row, in input order:
-the pass-through columns asked for, `label`, the probabilities (jsonl: a `probabilities` object; csv/tsv/parquet:
-`p_<label>` columns), and `error` when some rows could not be read. With a label column in the input, metrics go
+the pass-through columns asked for, the prediction — `label` (single-label), `labels` (multi-label: a list; one
+cell joined by the training separator in csv/tsv) or `value` (regression) —, the probabilities (jsonl: a
+`probabilities` object; csv/tsv/parquet: `p_<label>` columns), and `error` when some rows could not be read. With a label column in the input, metrics go
 to <output>.metrics.json. Several processes split the rows (one merged output):
 
     python -m trainer.entry.predict --model runs/tiny-finetune/hf_model --input data.jsonl --output preds.jsonl
@@ -43,6 +44,7 @@ def main():
     logs.setup(args.log_level or "info", args.log_all_ranks)
     from trainer.distributed import shutdown
     from trainer.predict import predict_file
+    from trainer.problems import summary_line
     summary = predict_file(args.model, args.input, args.output, text_fields=args.text_fields,
                            label_field=args.label_field, id_field=args.id_field, keep=tuple(args.keep),
                            probabilities=not args.no_probabilities, skip_bad_rows=args.skip_bad_rows,
@@ -50,8 +52,8 @@ def main():
     if summary:
         metrics = summary.get("metrics")
         log.info(f"wrote {summary['predicted']} predictions to {args.output}" + (
-            f" · accuracy {metrics['accuracy']:.4f} on {metrics['n']} labelled rows ({args.output}.metrics.json)"
-            if metrics else ""))
+            f" · {summary_line(metrics['problem_type'], metrics)} on {metrics['n']} labelled rows "
+            f"({args.output}.metrics.json)" if metrics else ""))
     shutdown()
 
 

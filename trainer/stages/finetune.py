@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import loop, unpadded
-from ..classifier import RECIPE_FILE, SINGLE, Classifier, plain_init
+from .. import loop, problems, unpadded
+from ..classifier import RECIPE_FILE, SINGLE, Classifier, HeadSpec, plain_init
 from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig
 from ..errors import UserError
 from ..evaluate import Evaluator
@@ -44,10 +44,16 @@ class Task:
     encoder: truncation.Encoder = None
     collate: Collator = None
     train_sums: tuple = ()  # (examples, chunks, tokens, Σ chunk length²) of train
+    spec: HeadSpec = None  # what its head predicts and how it is trained (shared with the model's head)
 
-    def batch(self, split: str, idx: np.ndarray) -> dict:
+    @property
+    def problem(self) -> str:
+        return self.data.problem_type
+
+    def batch(self, split: str, idx: np.ndarray, labels: bool = True) -> dict:
         examples = self.splits[split]
-        return self.collate([self.encoder.encode_pieces(examples.pieces(j)) for j in idx], examples.labels[idx])
+        return self.collate([self.encoder.encode_pieces(examples.pieces(j)) for j in idx],
+                            examples.labels[idx] if labels else None)
 
 
 def tasks_of(cfg: FinetuneConfig) -> list[Task]:
@@ -69,6 +75,27 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError(f"head.dropout must be in [0, 1), got {cfg.head.dropout}")
     if cfg.multitask.sampling == "temperature" and not 0 <= cfg.multitask.alpha <= 1:
         raise UserError(f"multitask.alpha must be in [0, 1], got {cfg.multitask.alpha}")
+    if cfg.eval.early_stopping_patience < 0 or cfg.eval.early_stopping_min_delta < 0:
+        raise UserError("eval.early_stopping_patience and eval.early_stopping_min_delta must be >= 0")
+    tasks = tasks_of(cfg)
+    problems.selection_metrics([t.problem for t in tasks], cfg.eval.select_metric)
+    for t in tasks:
+        check_problem_settings(t.data, f"tasks[{t.name}].data." if cfg.tasks else "data.")
+
+
+def check_problem_settings(data: ClassificationDataConfig, key: str) -> None:
+    """Settings of one problem type given to another would be ignored: refused, naming the right one."""
+    kind = data.problem_type
+    if data.class_weights is not None and kind != problems.SINGLE:
+        raise UserError(f"{key}class_weights is for single_label tasks; a {kind} task "
+                        + ("takes data.pos_weight" if kind == problems.MULTI else "has no classes to weight"))
+    if data.pos_weight is not None and kind != problems.MULTI:
+        raise UserError(f"{key}pos_weight is for multi_label tasks"
+                        + ("; a single_label task takes data.class_weights" if kind == problems.SINGLE else ""))
+    if kind != problems.MULTI and (data.threshold != 0.5 or data.tune_thresholds):
+        raise UserError(f"{key}threshold and {key}tune_thresholds are for multi_label tasks (this one is {kind})")
+    if not 0 < data.threshold < 1:
+        raise UserError(f"{key}threshold must be in (0, 1), got {data.threshold}")
 
 
 def load_tasks(tasks: list[Task], tokenizer, seed: int, multi: bool) -> None:
@@ -84,8 +111,36 @@ def load_tasks(tasks: list[Task], tokenizer, seed: int, multi: bool) -> None:
             t.lengths[name] = tokens
             if name == "train":
                 t.train_sums = (len(ex), int(chunks.sum()), int(tokens.sum()), int(squares.sum()))
+        t.spec = head_spec(t)
         log.info(f"{t.name if multi else 'task'}: " + " · ".join(f"{n} {len(e)}" for n, e in t.splits.items())
-                 + f" · labels {t.vocab}")
+                 + f" · {t.problem} · {'target' if t.problem == problems.REGRESSION else 'labels'} {t.vocab}"
+                 + _loss_note(t))
+
+
+def head_spec(t: Task) -> HeadSpec:
+    """The head a task's data asks for: its width, loss weights, the standardization of a regression target
+    (mean and standard deviation of train), the thresholds of a multi-label one."""
+    y, kind = t.splits["train"].labels, t.problem
+    setting, key = ((t.data.class_weights, "data.class_weights") if kind == problems.SINGLE
+                    else (t.data.pos_weight, "data.pos_weight"))
+    weights = problems.loss_weights(kind, setting, y, t.vocab, key)
+    mean, std = 0.0, 1.0
+    if kind == problems.REGRESSION:
+        mean, std = float(np.mean(y, dtype=np.float64)), float(np.std(y, dtype=np.float64))
+        if std == 0:
+            raise UserError(f"{t.data.train}: every training target is {mean:g}; there is nothing to regress")
+    return HeadSpec(problems.num_outputs(kind, t.vocab), t.text, kind,
+                    None if weights is None else weights.tolist(), mean, std,
+                    [t.data.threshold] * len(t.vocab) if kind == problems.MULTI else None)
+
+
+def _loss_note(t: Task) -> str:
+    if t.problem == problems.REGRESSION:
+        return f" · MSE on targets standardized with train's mean {t.spec.target_mean:.4g}, std {t.spec.target_std:.4g}"
+    if t.spec.loss_weights is None:
+        return ""
+    what = "class weights" if t.problem == problems.SINGLE else "BCE pos_weight"
+    return f" · {what} " + ", ".join(f"{lab}={w:.3g}" for lab, w in zip(t.vocab, t.spec.loss_weights))
 
 
 def build_classifier(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Classifier:
@@ -95,7 +150,7 @@ def build_classifier(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Class
     path = cfg.model.name_or_path
     if not (path and (Path(path) / RECIPE_FILE).is_file()):
         encoder = build_model(cfg.model, tokenizer, head="encoder", seed=cfg.seed)
-        return Classifier(encoder, {t.name: (len(t.vocab), t.text) for t in tasks}, cfg.head)
+        return Classifier(encoder, {t.name: t.spec for t in tasks}, cfg.head)
     if len(tasks) != 1:
         raise UserError(f"{path} is a single-task classifier; multi-task runs start from an encoder")
     if cfg.model.config:
@@ -104,15 +159,21 @@ def build_classifier(cfg: FinetuneConfig, tokenizer, tasks: list[Task]) -> Class
     torch.manual_seed(cfg.seed)
     with plain_init():
         model, recipe = Classifier.from_pretrained(path)
-    if [str(x) for x in recipe["labels"]] != [str(x) for x in tasks[0].vocab]:
-        raise UserError(f"{path} was trained on labels {recipe['labels']}, this task has {tasks[0].vocab}")
+    task = tasks[0]
+    if recipe["problem_type"] != task.problem:
+        raise UserError(f"{path} is a {recipe['problem_type']} model; this task has data.problem_type={task.problem}")
+    if [str(x) for x in recipe["labels"]] != [str(x) for x in task.vocab]:
+        raise UserError(f"{path} was trained on labels {recipe['labels']}, this task has {task.vocab}")
     for key in ("layers", "layer_pool", "pooler"):
         if recipe["head"][key] != getattr(cfg.head, key):
             raise UserError(f"head.{key}={getattr(cfg.head, key)!r} differs from the model in {path} "
                             f"({recipe['head'][key]!r})")
     head = model.heads[SINGLE]
-    head.text_cfg, head.hierarchical = tasks[0].text, tasks[0].text.strategy == "hierarchical"
+    head.text_cfg, head.hierarchical = task.text, task.text.strategy == "hierarchical"
     head.dropout.p = cfg.head.dropout
+    # this run's loss settings and thresholds; a regression head keeps the target scale it was trained in
+    head.spec.text, head.spec.loss_weights, head.spec.thresholds = task.text, task.spec.loss_weights, task.spec.thresholds
+    task.spec = head.spec
     if cfg.head.freeze_encoder:
         model.encoder.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
@@ -168,7 +229,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
     attach_collators(model, tasks, cfg, tokenizer)
     groups = param_groups(model, cfg, multi)
     optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
-    evaluate = Evaluator(tasks, accelerator, topo)
+    evaluate = Evaluator(tasks, accelerator, topo, cfg.eval.select_metric)
     results = run.out / "eval_results.json"
     if eval_only:
         return _evaluate_only(run, model, optimizer, eval_from, evaluate, results, single=not multi)
@@ -186,10 +247,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
         acc.wait_for_everyone()
 
     fpt = finetuning_flops_per_token(model.encoder, *(sum(t.train_sums[k] for t in tasks) for k in range(4)),
-                                     max(len(t.vocab) for t in tasks), train_encoder=not cfg.head.freeze_encoder)
+                                     max(t.spec.num_outputs for t in tasks), train_encoder=not cfg.head.freeze_encoder)
     job = loop.Job(model=model, optimizer=optimizer, batches=sampler.batches, loss=lambda m, b: m(**b)[0],
                    samples_per_epoch=sum(len(t.splits["train"]) for t in tasks), export=export,
-                   evaluate=evaluate, flops_per_token=fpt, lr_gate=sampler.lr_gate(groups))
+                   evaluate=evaluate, select=evaluate.shortfall, early_stopping=cfg.eval,
+                   flops_per_token=fpt, lr_gate=sampler.lr_gate(groups))
     finished = train(run, job, groups)
     if finished:
         where = run.out / "tasks" / "<task>" / "hf_model" if multi else run.out / "hf_model"
@@ -240,7 +302,7 @@ def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokeni
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save(tmp, state_dict, tokenizer, task.vocab, task.data.text_fields, task=task.name,
-               label_field=task.data.label_field)
+               label_field=task.data.label_field, label_separator=task.data.label_separator)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

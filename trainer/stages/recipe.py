@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from .. import problems
 from ..config import FinetuneConfig, PretrainConfig, RecipeConfig, build, to_dict
 from ..distributed import init_processes, reset_between_stages, resolve_launch_settings, uses_deepspeed
 from ..errors import UserError
@@ -26,6 +27,8 @@ from . import finetune, pretrain
 from .common import first_difference
 
 log = logging.getLogger(__name__)
+
+METRIC_NAMES = {"error_rate": "error", "micro_f1": "micro-F1", "pearson": "Pearson"}
 
 DONE = "stage.json"
 STAGE_DIRS = ("fit", "pretrain", "pt_fit", "mfit", "mfit_fit")
@@ -52,7 +55,7 @@ def _finetune_config(cfg: RecipeConfig, out: Path, model: dict, tasks: list, lr_
     ft = asdict(cfg.finetune)
     ft["optim"]["lr"] *= lr_scale
     base = {"output_dir": str(out), "seed": cfg.seed, "model": model, "head": ft["head"], "train": ft["train"],
-            "optim": ft["optim"], "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/{out.name}"},
+            "optim": ft["optim"], "eval": ft["eval"], "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/{out.name}"},
             "distributed": asdict(cfg.distributed)}
     if len(tasks) == 1:
         base.update(data=asdict(tasks[0].data), text=asdict(tasks[0].text))
@@ -117,14 +120,18 @@ def _check_same_stage(stage: Stage) -> None:
                             f"use another output_dir or --overwrite")
 
 
-def _test_errors(stage: Stage) -> dict:
-    """{task: test error} of a finished fine-tuning stage (empty for pre-training or without a test split)."""
+def _test_results(stage: Stage) -> dict:
+    """{task: (metric, test value)} of a finished fine-tuning stage — the error rate of a single-label task (the
+    paper's), micro-F1 or Pearson of the other kinds (problems.headline) — empty for pre-training or without a
+    test split."""
     path = stage.out / "eval_results.json"
     if stage.runner is pretrain.run or not path.is_file():
         return {}
     results = json.loads(path.read_text())
     per_task = {stage.task: results} if stage.task else results
-    return {task: r["test"]["error_rate"] for task, r in per_task.items() if "test" in r}
+    kinds = {t.name: t.data.problem_type for t in (stage.config.tasks or [])}
+    kind_of = (lambda task: stage.config.data.problem_type) if stage.task else kinds.get
+    return {task: problems.headline(kind_of(task), r["test"]) for task, r in per_task.items() if "test" in r}
 
 
 def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
@@ -153,29 +160,39 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
             return False
         if not dist.is_initialized() or dist.get_rank() == 0:
             (stage.out / DONE).write_text(json.dumps({"label": stage.label, "task": stage.task,
-                                                      "test_error": _test_errors(stage)}, indent=1))
+                                                      "test": _test_results(stage)}, indent=1))
         if dist.is_initialized():
             dist.barrier()
     table = {t.name: {} for t in cfg.tasks}
     for stage in stages:
-        for task, err in _test_errors(stage).items():
-            table[task][stage.label] = err
+        for task, (_, value) in _test_results(stage).items():
+            table[task][stage.label] = value
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_results(out, table, [s.label for s in stages if s.runner is not pretrain.run],
-                      random_init=not cfg.model.name_or_path)
+                      random_init=not cfg.model.name_or_path,
+                      metrics={t.name: problems.DEFAULT_METRIC[t.data.problem_type] for t in cfg.tasks})
         log.info("\n" + (out / "results.md").read_text() + f"figure: {out / 'results.png'}")
     return True
 
 
-def write_results(out: Path, table: dict, labels: list, random_init: bool = False) -> None:
+def write_results(out: Path, table: dict, labels: list, random_init: bool = False, metrics: dict = None) -> None:
+    """results.json ({task: {stage: test value}}), results.md and results.png. `metrics`: {task: the metric its
+    values are} — error_rate (the paper's, and the default), micro_f1 or pearson; a row of another metric names
+    it, and a Pearson row is not a percentage."""
     columns = list(dict.fromkeys(labels))
+    metrics = {task: (metrics or {}).get(task, "error_rate") for task in table}
     (out / "results.json").write_text(json.dumps(table, indent=1))
-    lines = ["Test error rate (%) per task and stage", "",
-             "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    if set(metrics.values()) == {"error_rate"}:
+        title = "Test error rate (%) per task and stage"
+    else:
+        title = "Test results per task and stage: error rate (%) unless the row names micro-F1 (%) or Pearson's r"
+    lines = [title, "", "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     from ..paper import stage_cells
     for task, row in table.items():
-        cells = [f"{100 * row[c]:.2f}" if c in row else "–" for c in columns]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        scale = 1 if metrics[task] == "pearson" else 100
+        cells = [f"{scale * row[c]:.{4 if scale == 1 else 2}f}" if c in row else "–" for c in columns]
+        name = task if metrics[task] == "error_rate" else f"{task} ({METRIC_NAMES[metrics[task]]})"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
         ref = stage_cells(task, columns)
         if ref:
             lines.append("| " + " | ".join(ref) + " |")
@@ -185,4 +202,5 @@ def write_results(out: Path, table: dict, labels: list, random_init: bool = Fals
                      if random_init else "") + "; each later column adds the stage in its name."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     from ..plot import plot_results_table
-    plot_results_table(table, columns, out / "results.png", "Test error per task and stage")
+    plot_results_table(table, columns, out / "results.png", title.split(":")[0].replace(" rate (%)", ""),
+                       names={task: METRIC_NAMES[m] for task, m in metrics.items() if m != "error_rate"})

@@ -84,7 +84,8 @@ class Collator:
         self.pad_id, self.hierarchical = pad_id, hierarchical
         self.unpadded, self.position_offset = unpadded, position_offset
 
-    def __call__(self, encoded: list, labels) -> dict:
+    def __call__(self, encoded: list, labels=None) -> dict:
+        """`labels`: the examples' targets (class ids → long; multi-hot rows or values → float32), or None."""
         chunks, doc_index = [], []
         for d, example in enumerate(encoded):
             chunks.extend(example)
@@ -106,7 +107,9 @@ class Collator:
                 types[i, :len(t)] = torch.tensor(t)
                 mask[i, :len(x)] = 1
             batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        batch["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if labels is not None:
+            labels = np.asarray(labels)
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.long if labels.dtype.kind in "iu" else torch.float32)
         if self.hierarchical:
             batch["doc_index"] = torch.tensor(doc_index, dtype=torch.long)
         return batch

@@ -78,14 +78,19 @@ def read_records(source: Source, fields: list, label_field: Optional[str], toler
 
 
 def _parquet_class_names(path: str, label_field: str) -> Optional[list]:
-    """ClassLabel names that `datasets` wrote into a parquet file's schema metadata, if any."""
+    """ClassLabel names that `datasets` wrote into a parquet file's schema metadata, if any (also of a list of
+    ClassLabels: a multi-label column)."""
     import pyarrow.parquet as pq
     raw = (pq.read_schema(path).metadata or {}).get(b"huggingface")
     try:
         feature = json.loads(raw)["info"]["features"][label_field]
     except (TypeError, ValueError, KeyError):
         return None
-    return list(feature["names"]) if feature.get("_type") == "ClassLabel" else None
+    if isinstance(feature, dict) and feature.get("_type") in ("Sequence", "List", "LargeList"):
+        feature = feature.get("feature")
+    if isinstance(feature, list) and len(feature) == 1:  # [ClassLabel]: datasets' shorthand for a list of them
+        feature = feature[0]
+    return list(feature["names"]) if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
 
 
 def _hub_records(source: Source, fields: list, label_field: Optional[str], optional: tuple, meta: dict):
@@ -100,8 +105,10 @@ def _hub_records(source: Source, fields: list, label_field: Optional[str], optio
     missing = [f for f in fields if f not in ds.column_names and f not in optional]
     if missing:
         raise UserError(f"{source.describe()}: no column '{missing[0]}' (columns: {', '.join(ds.column_names)})")
-    if label_field and isinstance(ds.features.get(label_field), datasets.ClassLabel):
-        meta["label_names"] = list(ds.features[label_field].names)
+    feature = ds.features.get(label_field) if label_field else None
+    feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) / List(ClassLabel): multi-label
+    if isinstance(feature, datasets.ClassLabel):
+        meta["label_names"] = list(feature.names)
     row = 0
     for batch in ds.select_columns([f for f in fields if f in ds.column_names]).iter(batch_size=HUB_BATCH):
         for record in (dict(zip(batch, values)) for values in zip(*batch.values())):

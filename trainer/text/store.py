@@ -40,7 +40,7 @@ from .sources import Source, read_records
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: non-integer numbers kept as numbers, lists as lists (multi-label)
 BATCH = 1000  # records per tokenizer call
 
 
@@ -81,15 +81,18 @@ class SplitStore:
 
 
 def prepare_split(source: Source, text_fields: list, label_field: Optional[str], tokenizer, cache_dir: Path,
-                  num_proc: int = 1, tolerant: bool = False) -> SplitStore:
+                  num_proc: int = 1, tolerant: bool = False, empty_label_set: bool = False) -> SplitStore:
     """The prepared split (built on one process per cache entry, mapped by all).
 
     tolerant (prediction): a row that cannot be read or has no text becomes an empty example listed in
-    `bad.jsonl` instead of an error; a missing or odd label is -1."""
+    `bad.jsonl` instead of an error; a missing or odd label is -1. empty_label_set (multi-label): an empty label
+    cell (csv / tsv) is the empty list of labels, not a missing label."""
     key = hashlib.sha1(json.dumps([FORMAT_VERSION, source.fingerprint(), tokenizer_digest(tokenizer),
-                                   text_fields, label_field, tolerant], sort_keys=True).encode()).hexdigest()[:16]
+                                   text_fields, label_field, tolerant, empty_label_set],
+                                  sort_keys=True).encode()).hexdigest()[:16]
     final = build_once(Path(cache_dir) / f"cls-{key}", source.describe(),
-                       lambda tmp: _build(source, text_fields, label_field, tokenizer, tmp, num_proc, tolerant))
+                       lambda tmp: _build(source, text_fields, label_field, tokenizer, tmp, num_proc, tolerant,
+                                          empty_label_set))
     return load(final)
 
 
@@ -107,14 +110,32 @@ def load(path: Path) -> SplitStore:
 
 
 def _label_value(value):
-    """A label as stored: int for integers (also 3.0 and numpy ints), str otherwise; None if absent."""
+    """A label as stored: int for integers (also 3.0 and numpy ints), float for other numbers, a tuple for a list
+    of labels (multi-label; written to meta.json as a list), str otherwise; None if absent. What the values mean
+    (a class, a label set, a regression target) is the task's to say (`trainer/problems.py`)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(v for v in (_label_value(x) for x in value) if v is not None)
     if isinstance(value, (bool, np.bool_, int, np.integer)):
         return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else float(value)
     return value if isinstance(value, str) else str(value)
+
+
+def _class_label_ids(value, n: int) -> bool:
+    """A stored value that ClassLabel names can name: an id, or a list of ids (`Sequence(ClassLabel)`)."""
+    items = value if isinstance(value, tuple) else (value,)
+    return all(isinstance(v, int) and 0 <= v < n for v in items)
+
+
+def _shown(value) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _label_kind(value) -> str:
+    return "a list" if isinstance(value, tuple) else "the number" if isinstance(value, (int, float)) else "the text"
 
 
 class _Writer:
@@ -149,7 +170,7 @@ class _Writer:
 
 
 def _build(source: Source, text_fields: list, label_field: Optional[str], tokenizer, out: Path, num_proc: int,
-           tolerant: bool) -> dict:
+           tolerant: bool, empty_label_set: bool = False) -> dict:
     t0 = time.time()
     what = source.describe()
     meta: dict = {}
@@ -157,7 +178,7 @@ def _build(source: Source, text_fields: list, label_field: Optional[str], tokeni
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
     writer = _Writer(out, len(text_fields), dtype)
     values: dict = {}  # label value → index, in order of first appearance
-    first_of_type: dict = {}  # int / str → (row, value): a split mixing both is refused
+    first_of_type: dict = {}  # kind (number / text / list) → (row, value): a split mixing kinds is refused
     bad = open(out / "bad.jsonl", "w") if tolerant else None
     n = n_bad = 0
 
@@ -180,15 +201,18 @@ def _build(source: Source, text_fields: list, label_field: Optional[str], tokeni
             label = -1
             if problem is None and label_field:
                 value = _label_value(record.get(label_field))
+                if value is None and empty_label_set and label_field in record:
+                    value = ""  # a csv cell holding no label: the empty set, once split (problems.label_set)
                 if value is None and not tolerant:
                     problem = f"no label field '{label_field}' (empty)"
                 elif value is not None:
-                    kind = int if isinstance(value, int) else str
-                    first_of_type.setdefault(kind, (row, value))
+                    first_of_type.setdefault(_label_kind(value), (row, value))
                     if len(first_of_type) > 1 and not tolerant:
-                        (r1, v1), (r2, v2) = first_of_type[int], first_of_type[str]
-                        raise UserError(f"{what}: mixed label types — row {r1} has the number {v1!r}, row {r2} the "
-                                        f"text {v2!r}; use one type for every label")
+                        (k1, (r1, v1)), (k2, (r2, v2)) = list(first_of_type.items())[:2]
+                        hint = ("; a text with one label of a multi-label task is a list of one"
+                                if "a list" in first_of_type else "")
+                        raise UserError(f"{what}: mixed label types — row {r1} has {k1} {_shown(v1)}, row {r2} {k2} "
+                                        f"{_shown(v2)}; use one type for every label{hint}")
                     label = values.setdefault(value, len(values))
             if problem is not None:
                 if not tolerant:
@@ -223,7 +247,7 @@ def _build(source: Source, text_fields: list, label_field: Optional[str], tokeni
     if not tolerant:
         (out / "bad.jsonl").unlink(missing_ok=True)
     names = meta.get("label_names")
-    if names is not None and any(not isinstance(v, int) or not 0 <= v < len(names) for v in values):
+    if names is not None and any(not _class_label_ids(v, len(names)) for v in values):
         names = meta["label_names"] = None  # not ClassLabel ids after all: the values are the labels
     files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     elapsed = time.time() - t0
