@@ -179,9 +179,10 @@ def cmd_start(args, tmp: Path, tok: str) -> None:
         for line in p.stdout:
             now = time.perf_counter() - t0
             tail = (tail + [line])[-30:]
-            if re.match(r"\[\d+/\d+\] ", line):
-                starts.append((now, line.split("→")[0].strip()))
-            elif line.startswith("engine: "):
+            message = line.split("] ", 1)[-1].split(": ", 1)[-1]  # the job log's message (trainer/logs.py FORMAT)
+            if re.match(r"\[\d+/\d+\] ", message):
+                starts.append((now, message.split("→")[0].strip()))
+            elif message.startswith("engine: "):
                 firsts.append(now)
         if p.wait() != 0:
             sys.exit("recipe failed:\n" + "".join(tail))

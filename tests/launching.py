@@ -44,9 +44,10 @@ def accelerate_cmd(setup: str | None, script: str, config: str, out: Path, *over
 
 
 def run(setup: str | None, out: Path, *overrides: str, cache: Path, flags=(), script="pretrain.py",
-        config="configs/pretrain/tiny.yaml", timeout=600, check=True, launcher_args=()):
+        config="configs/pretrain/tiny.yaml", timeout=600, check=True, launcher_args=(), extra_env=None):
     cmd = accelerate_cmd(setup, script, config, out, *overrides, flags=flags, launcher_args=launcher_args)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env(cache), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-6000:]}")
     return proc

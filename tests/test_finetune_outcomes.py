@@ -76,8 +76,9 @@ def _initial_classifier(cache: Path, start_model: Path, labels: list):
     from trainer.model import load_tokenizer
     from trainer.stages.finetune import build_classifier, tasks_of
     cfg = load(FinetuneConfig, str(REPO / FT["config"]), common(start_model))
+    from trainer.classifier import HeadSpec
     tasks = tasks_of(cfg)
-    tasks[0].vocab = labels
+    tasks[0].vocab, tasks[0].spec = labels, HeadSpec(len(labels), tasks[0].text)
     return build_classifier(cfg, load_tokenizer(cfg.model, "grammar", cache), tasks)
 
 

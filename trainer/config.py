@@ -62,8 +62,12 @@ class PretrainDataConfig:
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps; -1 → run `epochs`
     epochs: float = 1.0
-    micro_batch_size: int = 8  # per rank, per forward pass
+    # per rank, per forward pass; auto (fine-tuning): the largest that fits, tried on the device with the
+    # longest examples, keeping train.global_batch_size (trainer/micro_batch.py)
+    micro_batch_size: Union[int, str] = 8
     grad_accum: Optional[int] = None  # None: accelerate's gradient_accumulation_steps if set, else 1
+    # samples per optimizer step, all ranks together; when set, grad_accum is derived from it
+    global_batch_size: Optional[int] = None
     max_grad_norm: Optional[float] = None  # None: accelerate's gradient_clipping if set, else 1.0; 0 disables
     log_every: int = 10
     save_every: int = 500  # 0 → only at the end

@@ -111,7 +111,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
     schedule = GroupSchedule(optimizer.optimizer, cfg.optim, steps, base_lrs, job.lr_gate, job.schedule_start)
     lrs = schedule.set_step(state.step)
     log.info(run_length(train, job.samples_per_epoch, samples_per_step))
-    facts = engine_facts(model, optimizer, topo)
+    facts = {**engine_facts(model, optimizer, topo), "micro_batch_size": train.micro_batch_size,
+             "grad_accum": train.grad_accum}
     # DeepSpeed reports its precision; for single / DDP it is read from the first training forward
     watch = None if topo.deepspeed else ComputeDtype(model)
     if watch is None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import yaml
 
-from .. import checkpoint, loop
+from .. import checkpoint, loop, micro_batch
 from ..config import to_dict
 from ..distributed import Topology, decided_by_main, make_accelerator, resolve_launch_settings
 from ..errors import UserError
@@ -34,23 +34,35 @@ class Run:
     topo: Topology
     resume: bool
     overwrite: bool
+    engine: dict = field(default_factory=dict)  # make_accelerator's stage-specific arguments
+    auto_micro_batch: bool = False  # train.micro_batch_size=auto: the stage probes it (trainer/micro_batch.py)
+
+    def make_engine(self, micro_batch: int, grad_accum: int):
+        """(accelerator, topology) for this run's settings with another micro-batch / accumulation."""
+        c = self.cfg
+        return make_accelerator(precision=c.model.precision, micro_batch=micro_batch, grad_accum=grad_accum,
+                                max_grad_norm=c.train.max_grad_norm, deepspeed_config=c.distributed.deepspeed_config,
+                                **self.engine)
 
 
 def open_run(cfg, validate: Callable, resume: bool, overwrite: bool, check_dir: bool = True, **engine) -> Run:
-    """The first half of every stage: the launcher's settings folded into the config (or refused) → the
-    stage's own checks → the output-dir guard (read-only: nothing is touched before the inputs load) → on a
-    resume, the checkpoint's global batch → the Accelerator / DeepSpeed engine. `check_dir=False`: a run that
-    writes no checkpoint (fine-tuning's --eval-only) guards its own output."""
-    cfg = resolve_launch_settings(cfg)
+    """The first half of every stage: the global batch split for this world size (trainer/micro_batch.py) →
+    the launcher's settings folded into the config (or refused) → the stage's own checks → the output-dir guard
+    (read-only: nothing is touched before the inputs load) → on a resume, the checkpoint's global batch → the
+    Accelerator / DeepSpeed engine. `check_dir=False`: a run that writes no checkpoint (fine-tuning's
+    --eval-only) guards its own output."""
+    from ..distributed import init_processes, uses_deepspeed
+    world = init_processes(uses_deepspeed(cfg.distributed.deepspeed_config)).num_processes
+    train_cfg, auto = micro_batch.resolve(cfg.train, world)
+    cfg = resolve_launch_settings(replace(cfg, train=train_cfg))
     validate(cfg)
     out = Path(cfg.output_dir)
     if check_dir:
         check_output_dir(out, to_dict(cfg), resume, overwrite)
         cfg = replace(cfg, train=resume_train_config(out, resume, cfg.train, cfg.distributed.deepspeed_config))
-    accelerator, topo = make_accelerator(precision=cfg.model.precision, micro_batch=cfg.train.micro_batch_size,
-                                         grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-                                         deepspeed_config=cfg.distributed.deepspeed_config, **engine)
-    return Run(cfg, out, accelerator, topo, resume, overwrite)
+    run = Run(cfg, out, None, None, resume, overwrite, engine, auto)
+    run.accelerator, run.topo = run.make_engine(cfg.train.micro_batch_size, cfg.train.grad_accum)
+    return run
 
 
 def train(run: Run, job: loop.Job, groups: list) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import loop, problems, unpadded
+from .. import loop, micro_batch, problems, unpadded
 from ..classifier import RECIPE_FILE, SINGLE, Classifier, HeadSpec, plain_init
 from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig
 from ..errors import UserError
@@ -194,6 +194,12 @@ def attach_collators(model: Classifier, tasks: list[Task], cfg: FinetuneConfig, 
                              position_offset=unpadded.position_offset(model.encoder.config) if unpad else 0)
 
 
+def longest_batches(tasks: list[Task], m: int) -> list[dict]:
+    """Each task's m longest training examples (tokens after truncation) as one micro-batch: the largest
+    batches the run will see, for the micro-batch probe."""
+    return [{**t.batch("train", np.argsort(-t.lengths["train"], kind="stable")[:m]), "task": t.name} for t in tasks]
+
+
 def param_groups(model: Classifier, cfg: FinetuneConfig, multi: bool) -> list:
     """AdamW groups with the paper's layer-wise decayed lrs (ξ per depth, optim/layer_decay.py); in a
     multi-task run each head's parameters are groups of their own, so idle heads can be held still."""
@@ -225,10 +231,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
     with accelerator.local_main_process_first():
         tokenizer = load_tokenizer(cfg.model, "grammar", default_cache_dir())
     load_tasks(tasks, tokenizer, cfg.seed, multi)
-    model = build_classifier(cfg, tokenizer, tasks)
-    attach_collators(model, tasks, cfg, tokenizer)
-    groups = param_groups(model, cfg, multi)
-    optimizer = make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
+
+    def build():  # the classifier on the encoder, the layer-wise decayed groups, the optimizer
+        model = build_classifier(cfg, tokenizer, tasks)
+        attach_collators(model, tasks, cfg, tokenizer)
+        groups = param_groups(model, cfg, multi)
+        return model, groups, make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
+
+    if run.auto_micro_batch and not eval_only:  # the largest micro-batch that fits (trainer/micro_batch.py)
+        run = micro_batch.probe(run, lambda: build()[::2], lambda m: longest_batches(tasks, m), run.make_engine)
+        cfg, accelerator, topo = run.cfg, run.accelerator, run.topo
+    model, groups, optimizer = build()
     evaluate = Evaluator(tasks, accelerator, topo, cfg.eval.select_metric)
     results = run.out / "eval_results.json"
     if eval_only:

@@ -142,6 +142,9 @@ def prepare_corpora(cfg: PretrainConfig, tokenizer):
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> bool:
     """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
     run = open_run(cfg, validate, resume, overwrite)
+    if run.auto_micro_batch:
+        raise UserError("train.micro_batch_size=auto is for fine-tuning; pre-training sequences all have "
+                        "data.seq_len tokens — set the micro-batch (and train.global_batch_size to keep the global one)")
     cfg, out, accelerator, topo = run.cfg, run.out, run.accelerator, run.topo
 
     # each node's first process goes first, its other ranks then read what it made; across nodes sharing the cache
