@@ -3,8 +3,9 @@
     python bench/matrix.py [-k PATTERN] [--out bench/RESULTS_matrix.md]
 
 Each cell is a pytest case; this runs them all (BERT_RECIPE_MATRIX=all), reads pytest's JUnit XML and writes
-cell → pass / fail (first line of the failure) / skipped (reason) with each cell's time. About 40-60 min on the
-2-core CPU machine."""
+cell → pass / fail (first line of the failure) / skipped (reason) with each cell's time (two pytest workers by
+default: cells run side by side, so a cell's time includes waiting for the other's). About 30 min on the 2-core
+CPU machine."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_matrix import EXPECTED, FAMILIES, FAMILY_CELLS, PRECISIONS, SETUPS  # noqa: E402
+from test_matrix import (EXPECTED, FAMILIES, FAMILY_CELLS, KIND_CELLS, KIND_SETUPS, KINDS, PRECISIONS,  # noqa: E402
+                         SETUPS)
 
 
 def commit() -> str:
@@ -79,6 +81,15 @@ def render(found: dict, command: str, wall: float) -> str:
             p = next(p for ff, ss, p in FAMILY_CELLS if (ff, ss) == (f, s))
             row.append(f"{p}: " + cell("test_family_cell", f"{f}-{s}-{p}"))
         lines.append(f"| {f} | " + " | ".join(row) + " |")
+    lines += ["", "## Task-kind cells: fine-tuning a multi-label / regression task → export (its problem_type) → "
+                  "predict", "",
+              "| kind | " + " | ".join(f"`{s}`" for s in KIND_SETUPS) + " |", "|---|" + "---|" * len(KIND_SETUPS)]
+    for k in KINDS:
+        row = []
+        for s in KIND_SETUPS:
+            p = next(p for kk, ss, p in KIND_CELLS if (kk, ss) == (k, s))
+            row.append(f"{p}: " + cell("test_kind_cell", f"{k}-{s}-{p}"))
+        lines.append(f"| {k} | " + " | ".join(row) + " |")
     lines += ["", "## Not in the CPU matrix", "",
               "- fp16: DeepSpeed's CPU accelerator refuses it (\"Type fp16 is not supported on your device\") and "
               "accelerate's CPU autocast has none, so the trainer refuses `model.precision=fp16` without a GPU in "
@@ -93,13 +104,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-k", default=None, help="pytest -k expression (a subset of cells)")
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS_matrix.md"))
+    parser.add_argument("--workers", type=int, default=2, help="pytest workers (cells side by side; default 2)")
     args = parser.parse_args()
     junit = Path(tempfile.mkdtemp()) / "matrix.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", str(REPO / "tests" / "test_matrix.py"), f"--junitxml={junit}",
-           "-p", "no:cacheprovider"] + (["-k", args.k] if args.k else [])
+           "-p", "no:cacheprovider"] + (["-k", args.k] if args.k else []) + (
+        ["-n", str(args.workers)] if args.workers > 1 else [])
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "BERT_RECIPE_MATRIX": "all"})
-    text = render(outcomes(junit), "python bench/matrix.py" + (f" -k '{args.k}'" if args.k else ""),
+    text = render(outcomes(junit), "python bench/matrix.py" + (f" -k '{args.k}'" if args.k else "")
+                  + (f" --workers {args.workers}" if args.workers != 2 else ""),
                   time.time() - t0)
     Path(args.out).write_text(text)
     print(text)

@@ -15,7 +15,8 @@ Peers (`--peer`, default plain):
               ranks and DeepSpeed JSON (`TrainingArguments(deepspeed=…)`, gloo on CPU).
 Both: the same train/dev/test examples and model inputs as the trainer (trainer.text.tasks.load_task carves the
 dev split; trainer.text.truncation.Encoder applies text.strategy head, tail or head_tail to the stored word
-pieces — hierarchical has no peer); one optimizer group (no ξ: compare with the grid's optim.layer_decay=1.0
+pieces — hierarchical has no peer); the plain loop also takes multi-label and regression tasks (transformers'
+`problem_type`: BCE, MSE on the raw target), selected on dev by the trainer's default metric; one optimizer group (no ξ: compare with the grid's optim.layer_decay=1.0
 point); warm-up steps ceil(warmup_ratio × steps); dev after every epoch (or every train.eval_every steps), the
 best dev weights for the one test evaluation. `--with-grid` first runs the grid's points (`python -m
 trainer.entry.grid`), so one command measures both sides on the same machine state. Each peer writes
@@ -70,19 +71,23 @@ def task_inputs(cfg):
     tok = load_tokenizer(cfg.model, "grammar", cache)
     splits, vocab = load_task(cfg.data, cfg.seed, tok, cache)
     encoder = Encoder(tok, cfg.text)
-    data = {name: [{"input_ids": encoder.encode_pieces(split.pieces(j))[0][0], "labels": int(split.labels[j])}
+    def target(y):  # a class id, a multi-hot row, a number (trainer/problems.py)
+        return y.tolist() if isinstance(y, np.ndarray) else int(y) if np.issubdtype(type(y), np.integer) else float(y)
+    data = {name: [{"input_ids": encoder.encode_pieces(split.pieces(j))[0][0], "labels": target(split.labels[j])}
                    for j in range(len(split))] for name, split in splits.items()}
     return tok, vocab, data
 
 
 def new_model(cfg, tok, num_labels: int):
+    """transformers' own head for the task's kind: `problem_type` picks its loss (cross-entropy, BCE, MSE)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+    from trainer.problems import HF_PROBLEM_TYPE
     torch.manual_seed(cfg.seed)
-    kw = dict(num_labels=num_labels, attn_implementation="sdpa")
+    kw = dict(num_labels=num_labels, attn_implementation="sdpa", problem_type=HF_PROBLEM_TYPE[cfg.data.problem_type])
     if cfg.model.name_or_path:
         return AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, **kw)
     conf = AutoConfig.for_model(**{"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **cfg.model.config})
-    conf.num_labels = num_labels  # random init from model.config (the tiny configs)
+    conf.num_labels, conf.problem_type = num_labels, kw["problem_type"]  # random init from model.config
     return AutoModelForSequenceClassification.from_config(conf, attn_implementation="sdpa")
 
 
@@ -126,9 +131,10 @@ def write_run(out: Path, lines: list, results: dict) -> None:
 
 def train_plain(cfg, padding: str, out: Path) -> None:
     from transformers import DataCollatorWithPadding, get_scheduler
-    from trainer.problems import single_label_metrics
+    from trainer import problems
     tok, vocab, data = task_inputs(cfg)
-    model = new_model(cfg, tok, len(vocab))
+    kind = cfg.data.problem_type
+    model = new_model(cfg, tok, problems.num_outputs(kind, vocab))
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n  # noqa: E731
     opt = torch.optim.AdamW(
         [{"params": [p for n, p in model.named_parameters() if not no_decay(n)],
@@ -146,14 +152,15 @@ def train_plain(cfg, padding: str, out: Path) -> None:
     def evaluate(name: str, size: int = cfg.data.eval_batch_size) -> dict:
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model(**collate([{"input_ids": x["input_ids"]} for x in data[name][i:i + size]])).logits
-                              .argmax(-1) for i in range(0, len(data[name]), size)]).numpy()
+            logits = torch.cat([model(**collate([{"input_ids": x["input_ids"]} for x in data[name][i:i + size]]))
+                                .logits.float() for i in range(0, len(data[name]), size)]).numpy()
         model.train()
         gold = np.array([x["labels"] for x in data[name]])
-        return single_label_metrics(pred, gold, vocab)
+        return problems.metrics(kind, logits, gold, vocab)
 
+    metric = problems.DEFAULT_METRIC[kind]  # the trainer's eval.select_metric=auto
     windows = Windows(cfg, "plain loop", padding=padding)
-    best, best_state, step = -1.0, None, 0
+    best, best_state, step = float("inf"), None, 0
     model.train()
     while step < total:
         for b in loader:  # the step's time includes fetching and collating its batch
@@ -171,9 +178,10 @@ def train_plain(cfg, padding: str, out: Path) -> None:
                          sched.get_last_lr()[0], close=evaluate_now)
             if evaluate_now:
                 dev = evaluate("dev")
-                windows.lines.append({"split": "dev", "step": step, **{k: dev[k] for k in ("accuracy", "error_rate")}})
-                if dev["accuracy"] > best:
-                    best, best_state = dev["accuracy"], {k: v.detach().clone() for k, v in model.state_dict().items()}
+                windows.lines.append({"split": "dev", "step": step, metric: dev[metric]})
+                if problems.shortfall(metric, dev[metric]) < best:
+                    best = problems.shortfall(metric, dev[metric])
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             windows.mark()
             if step == total:
                 break
@@ -190,6 +198,8 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
     if deepspeed:  # DeepSpeed finds no process group on CPU unless gloo is set up first (accelerate's own trap)
         from accelerate import PartialState
         PartialState(backend="gloo")
+    if cfg.data.problem_type != "single_label":
+        sys.exit("error: the hf-trainer peer compares single-label tasks; use --peer plain for the other kinds")
     tok, vocab, data = task_inputs(cfg)
     model = new_model(cfg, tok, len(vocab))
     collate = DataCollatorWithPadding(tok)
@@ -326,17 +336,19 @@ def main():
             run_peer(args, grid, cfg, out)
     runs = sorted(p.parent for p in Path(grid.output_dir).glob("points/*/eval_results.json"))
     runs += sorted(p.parent for p in Path(grid.output_dir).glob("*/seed-*/eval_results.json"))
+    from trainer.problems import DEFAULT_METRIC
+    metric = DEFAULT_METRIC[cfgs[0].data.problem_type]  # error_rate, micro_f1, pearson
+    what = {"error_rate": "test error %", "micro_f1": "test micro-F1 %", "pearson": "test Pearson × 100"}[metric]
     rows = []
     for run in runs:
         test = json.loads((run / "eval_results.json").read_text()).get("test", {})
-        error = test.get("error_rate", float("nan"))
-        rows.append((run.relative_to(grid.output_dir), error, *speed(run, args.warmup_steps)))
+        rows.append((run.relative_to(grid.output_dir), test.get(metric, float("nan")), *speed(run, args.warmup_steps)))
     base = [r[2] for r in rows if str(r[0]).startswith(name + "/")]
-    print(f"\n| run ({grid.output_dir}) | test error % | examples/s | real tokens/s | examples/s ÷ {name} |\n"
+    print(f"\n| run ({grid.output_dir}) | {what} | examples/s | real tokens/s | examples/s ÷ {name} |\n"
           "|---|---|---|---|---|")
-    for run, err, eps, tps in rows:
+    for run, value, eps, tps in rows:
         ratio = f"{eps / np.median(base):.2f}" if base else "–"
-        print(f"| {run} | {100 * err:.2f} | {eps:.1f} | {tps:,.0f} | {ratio} |")
+        print(f"| {run} | {100 * value:.2f} | {eps:.1f} | {tps:,.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

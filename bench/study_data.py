@@ -23,7 +23,17 @@ deleted scripts that recorded them drew them — same seeds, same order of draws
                                                    42); pretrain = the train subset's texts
                                                    (bench/grids/recipe_minilm.yaml)
 
-    python bench/study_data.py [studies|bench] [--n 400] [--seed 0]
+`kinds` (seed 0; the multi-label and regression comparisons, bench/grids/{ag_news_multi_label,sst2_share}_vs_plain.yaml):
+    kinds_ag_multi_{train,test}.jsonl              2,000 + 600 texts of one AG News article or two of different
+                                                   topics joined (half each); `labels`: the list of their topics —
+                                                   multi-label with real co-occurrence, each label decided by a
+                                                   passage of the text
+    kinds_sst2_share_{train,test}.jsonl            2,000 + 600 texts of 1-3 SST-2 sentences (test: from the dev
+                                                   split); `score`: the share of positive sentences (0, 1/3, 1/2,
+                                                   2/3, 1) — a graded sentiment target whose truth is exact (the
+                                                   sentences' gold labels) and which needs each sentence read
+
+    python bench/study_data.py [studies|bench|kinds] [--n 400] [--seed 0]
 """
 from __future__ import annotations
 
@@ -53,10 +63,14 @@ def read_imdb(split: str) -> tuple[list[str], np.ndarray]:
     return [r["text"] for r in rows], np.array([r["label"] for r in rows])
 
 
-def write_rows(rows, path: Path) -> Path:
+def write_records(rows, path: Path) -> Path:
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows)
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
+
+
+def write_rows(rows, path: Path) -> Path:
+    return write_records(({"text": r["text"], "label": r["label"]} for r in rows), path)
 
 
 def write_subset(path: Path, texts, labels, idx) -> Path:
@@ -188,15 +202,43 @@ def bench() -> None:
     print(f"written under {OUT}")
 
 
+def kinds() -> None:
+    rng = random.Random(0)
+    for split, file, n in (("train", "ag_news/train_5000.jsonl", 2000), ("test", "ag_news/test.jsonl", 600)):
+        rows = read_jsonl(C.DATA / file)
+        out = []
+        for i in range(n):
+            first = rng.choice(rows)
+            if i % 2:  # two articles of different topics
+                second = rng.choice([r for r in rows if r["label"] != first["label"]])
+                out.append({"text": f"{first['text']} {second['text']}", "labels": sorted([first["label"],
+                                                                                          second["label"]])})
+            else:
+                out.append({"text": first["text"], "labels": [first["label"]]})
+        write_records(out, OUT / f"kinds_ag_multi_{split}.jsonl")
+        print(f"kinds_ag_multi_{split}.jsonl: {n} texts ({file})")
+    for split, file, n in (("train", "sst2/train.jsonl", 2000), ("test", "sst2/dev.jsonl", 600)):
+        rows = read_jsonl(C.DATA / file)
+        out = []
+        for _ in range(n):
+            picked = [rng.choice(rows) for _ in range(rng.randint(1, 3))]
+            share = sum(r["label"] == "pos" for r in picked) / len(picked)
+            out.append({"text": " ".join(r["text"] for r in picked), "score": round(share, 4)})
+        write_records(out, OUT / f"kinds_sst2_share_{split}.jsonl")
+        print(f"kinds_sst2_share_{split}.jsonl: {n} texts ({file})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="?", choices=("studies", "bench"), default="studies")
+    ap.add_argument("which", nargs="?", choices=("studies", "bench", "kinds"), default="studies")
     ap.add_argument("--n", type=int, default=400, help="studies: reviews / articles per set (default 400)")
     ap.add_argument("--seed", type=int, default=0, help="studies: the seed (default 0)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.which == "studies":
         studies(args.n, args.seed)
+    elif args.which == "kinds":
+        kinds()
     else:
         bench()
 

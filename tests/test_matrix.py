@@ -6,7 +6,9 @@ or one plain process for `single`):
   ITPT-FiT (three tasks, three long-text strategies) → MFiT → MFiT-FiT — in one process, then predict from an
   export;
 - family cells, every family × setup, the precision alternating so that every (family, precision) pair occurs too:
-  pre-training, fine-tuning from its export, predict.
+  pre-training, fine-tuning from its export, predict;
+- task-kind cells, multi-label and regression × DDP and ZeRO-3: fine-tuning, the export (HF class with its
+  problem_type), predict.
 Both stop a pre-training run half-way, resume it and compare it with the uninterrupted run.
 
 Every cell asserts what a user cares about: each stage ran under the engine, ZeRO stage, offload and precision it
@@ -49,7 +51,10 @@ FAMILIES = {
                   "max_position_embeddings: 128}",
 }
 NO_DROPOUT = {"distilbert": ("model.config.dropout=0", "model.config.attention_dropout=0")}
+KINDS = ("multi_label", "regression")
+KIND_SETUPS = ("cpu_ddp", "cpu_zero3")
 RECIPE_CELLS = [(s, p) for s in SETUPS for p in PRECISIONS]
+KIND_CELLS = [(k, s, PRECISIONS[(i + j) % 2]) for i, k in enumerate(KINDS) for j, s in enumerate(KIND_SETUPS)]
 FAMILY_CELLS = [(f, s, PRECISIONS[(i + j) % 2]) for i, f in enumerate(FAMILIES) for j, s in enumerate(SETUPS)]
 # the suite's stop/resume coverage of ZeRO-3, DDP and offload rests on these three: keep those setups in them
 CI_CELLS = {("cpu_zero3", "bf16"), ("deberta-v2", "cpu_ddp", "bf16"), ("albert", "cpu_zero3_offload", "fp32")}
@@ -156,3 +161,26 @@ def test_family_cell(tmp_path, cache, family, setup, precision):
     assert train[-1]["loss"] < train[0]["loss"]
     assert_fp32_export(ft / "hf_model", "AutoModelForSequenceClassification")
     predict_runs(ft / "hf_model", tmp_path)
+
+
+@pytest.mark.parametrize("kind,setup,precision", cells(KIND_CELLS))
+def test_kind_cell(tmp_path, cache, kind, setup, precision):
+    from problem_data import multi_label_rows, regression_rows
+    from tiny_data import write_jsonl
+    make, field = {"multi_label": (multi_label_rows, "labels"), "regression": (regression_rows, "score")}[kind]
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", make(n, seed))
+             for split, n, seed in (("train", 96, 1), ("dev", 24, 2), ("test", 24, 3))}
+    ft = tmp_path / "ft"
+    launch(setup, ft, *(f"data.{k}={v}" for k, v in files.items()), f"data.label_field={field}",
+           f"data.problem_type={kind}", f"model.precision={precision}", "optim.layer_decay=0.9", "optim.lr=3e-3",
+           "train.max_steps=40", "train.log_every=5", "train.eval_every=20",
+           cache=cache, script="finetune.py", config="configs/finetune/tiny.yaml")
+    train = assert_ran_as_launched(ft, setup, precision)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert_fp32_export(ft / "hf_model", "AutoModelForSequenceClassification")
+    conf = json.loads((ft / "hf_model" / "config.json").read_text())
+    assert conf["problem_type"] == {"multi_label": "multi_label_classification", "regression": "regression"}[kind]
+    from trainer.predict import predict_file
+    assert predict_file(str(ft / "hf_model"), str(files["test"]), str(tmp_path / "p.jsonl"))["predicted"] == 24
+    rows = [json.loads(ln) for ln in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["labels"], list) if kind == "multi_label" else isinstance(r["value"], float) for r in rows)
