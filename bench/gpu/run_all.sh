@@ -234,7 +234,14 @@ PY
   step ft_hf_padded finetune "plain PyTorch loop" 60 40 "$WORK/ft_hf_padded" \
     "$PY" bench/gpu/hf_padded_loop.py --like "$WORK/ft_grouped" --out "$WORK/ft_hf_padded" --steps "$F_STEPS" \
     --log-every "$SPEED_LOG"
-  fine ft_groups_xi optim.layer_decay=0.95;          step ft_groups_xi finetune "$Y_ZERO2.yaml ×1" 60 0 "$WORK/ft_groups_xi" "${CMD[@]}"
+  fine ft_groups_xi optim.layer_decay=0.95;          step ft_groups_xi finetune "$Y_ZERO2.yaml ×1" 60 60 "$WORK/ft_groups_xi" "${CMD[@]}"
+  # issue 18: train.micro_batch_size=auto against real GPU memory — the probe tries 16 × F_MB, 8 ×, … on the
+  # longest reviews and keeps the largest that fits (the job log's "micro-batch probe" lines; training lines record
+  # micro_batch_size / grad_accum). DRY_RUN: CPU has no memory to probe, so an out-of-memory is injected above F_MB.
+  fine ft_auto_micro optim.layer_decay=1.0 train.micro_batch_size=auto "train.global_batch_size=$(( 16 * F_MB ))" \
+    "train.max_steps=$(( F_STEPS / 6 > 2 ? F_STEPS / 6 : 2 ))"
+  [[ $DRY == 1 ]] && CMD=(env BERT_RECIPE_FAKE_OOM_ABOVE="$F_MB" "${CMD[@]}")
+  step ft_auto_micro finetune "$Y_ZERO2.yaml ×1" 90 0 "$WORK/ft_auto_micro" "${CMD[@]}"
   "$PY" bench/gpu/run_all_report.py summary "$WORK" "$OUT/summary.md"
   echo "=== $OUT/summary.md ($(( $(date +%s) - T0 ))s in all) ==="
   cat "$OUT/summary.md"
