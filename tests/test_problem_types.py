@@ -346,3 +346,27 @@ def test_recipe_table_and_grid_report_name_the_metric_of_each_kind(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| optim.lr | dev micro-F1 | test micro-F1 | seeds |" in report and "micro-F1 (%) as mean" in report
     assert "Highest test micro-F1: optim.lr=0.0002" in report
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "regression"])
+@pytest.mark.parametrize("pool", ["mean", "max", "attention"])
+def test_hierarchical_chunks_pool_into_one_prediction_per_document_of_each_kind(kind, pool):
+    """A long document's chunks pool into one multi-label / regression prediction, with the kind's loss, and its
+    gradient reaches the encoder through every chunk pooling."""
+    import torch
+    from test_classifier import tiny_bert
+    from trainer.classifier import Classifier, HeadSpec
+    from trainer.config import HeadConfig, TextConfig
+    text = TextConfig(strategy="hierarchical", max_len=16, max_chunks=3, chunk_pool=pool)
+    spec = HeadSpec(3 if kind == "multi_label" else 1, text, kind, target_mean=2.0, target_std=0.5)
+    model = Classifier(tiny_bert(), {"default": spec}, HeadConfig())
+    ids = torch.randint(5, 120, (5, 16))  # 5 chunks of 2 documents: 3 + 2
+    doc_index = torch.tensor([0, 0, 0, 1, 1])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) if kind == "multi_label" else torch.tensor([2.5, 1.0])
+    loss, out = model(ids, torch.ones_like(ids), labels=labels, doc_index=doc_index)
+    assert out.shape == (2, spec.num_outputs) and torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    if kind == "regression":  # the loss is in standardized units; the output in the data's
+        raw = (out[:, 0] - 2.0) / 0.5
+        assert loss.item() == pytest.approx(((raw - (labels - 2.0) / 0.5) ** 2).mean().item(), rel=1e-5)
