@@ -16,8 +16,8 @@ Why by hand: accelerate's `find_executable_batch_size` reruns a whole function w
 keeps a global batch nor rebuilds a DeepSpeed engine (HF Trainer refuses `auto_find_batch_size` under DeepSpeed),
 and DeepSpeed has no probe of its own.
 
-Ranks agree safely because they fail alike: under DDP the probe's backward runs under `no_sync` (no collective
-in the probe, so any rank may fail alone); under DeepSpeed every rank runs the same shapes on equal partitions,
+Ranks agree safely because they fail alike: under DDP the probe runs the wrapped module itself (no buffer
+broadcast, no gradient all-reduce: no collective in the probe, so any rank may fail alone); under DeepSpeed every rank runs the same shapes on equal partitions,
 so an out-of-memory error strikes every rank at the same operation. (A GPU shared with another process could
 break that symmetry; then the failing collective waits for the process group's timeout.)
 
@@ -122,11 +122,12 @@ def apply(train, micro: int):
     return replace(train, micro_batch_size=micro, grad_accum=per_rank // micro)
 
 
-def probe(run, build: Callable[[], tuple], batches_of: Callable[[int], list], make_engine: Callable[[int, int], tuple]):
-    """`run` (stages.common.Run) with the micro-batch `auto` chose and its accumulation, on a new engine.
+def probe(run, build: Callable[[], tuple], batches_of: Callable[[int], list]):
+    """`run` (stages.common.Run) with the micro-batch `auto` chose and its accumulation, on a new engine
+    (`run.make_engine`: the run's own settings with another micro-batch).
 
     build() → (model, optimizer) as the run would train them; batches_of(m) → the probe's micro-batches of m
-    examples (the longest); make_engine(micro, grad_accum) → (accelerator, topology). Collective."""
+    examples (the longest). Collective."""
     import torch.distributed as dist
 
     from .distributed import reset_between_stages
@@ -144,7 +145,7 @@ def probe(run, build: Callable[[], tuple], batches_of: Callable[[int], list], ma
 
     def attempt(m: int) -> None:
         reset_between_stages()
-        accelerator, topo = make_engine(m, 1)  # accumulation 1: the optimizer steps after every backward
+        accelerator, topo = run.make_engine(m, 1)  # accumulation 1: the optimizer steps after every backward
         model, optimizer = build()
         for group in optimizer.param_groups:
             group["lr"] = 0.0  # (the probe's model is thrown away; lr 0 keeps even its steps from moving it)
@@ -179,7 +180,7 @@ def probe(run, build: Callable[[], tuple], batches_of: Callable[[int], list], ma
     micro, tried = choose(per_rank, attempt, agree)
     reset_between_stages()
     new = apply(train, micro)
-    accelerator, topo = make_engine(new.micro_batch_size, new.grad_accum)
+    accelerator, topo = run.make_engine(new.micro_batch_size, new.grad_accum)
     log.info(f"train.micro_batch_size=auto: {micro} per rank x grad_accum {new.grad_accum} x {topo.world_size} "
              f"rank(s) = the global batch of {train.global_batch_size} (tried "
              + ", ".join(f"{m}{'' if ok else ' ✗'}" for m, ok in tried) + ")")

@@ -6,7 +6,8 @@ The input is prepared like training data (tokenized once into the memory-mapped 
 tolerant mode: a row that cannot be read (not UTF-8, not JSON) or has no text is reported with its row number
 and predicted as an empty text — its output row says why in `error` — or, with `skip_bad_rows`, left out. A
 million-row file never stops at one bad row. Pass-through columns come from a second streaming read of the input
-when the output is written (rank 0), so memory holds only the probabilities (rows × labels floats).
+when the output is written (rank 0), so memory holds only the model outputs and probabilities (2 × rows × labels
+floats).
 
 What a row gets follows the model's problem type (trainer/problems.py): `label` and each class's softmax
 probability (single_label); `labels`, the list of labels whose sigmoid probability reaches the label's threshold,
@@ -108,12 +109,12 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
                                  state.num_processes, state.process_index, state.device, gather, progress_bar)
     summary = {}
     if state.is_main_process:
-        table = np.zeros((store.n, logits.shape[1]), dtype=np.float32)  # probabilities, or the values
-        table[kept] = {problems.SINGLE: problems.softmax, problems.MULTI: problems.sigmoid}.get(
-            kind, lambda x: x)(logits)
+        raw = np.zeros((store.n, logits.shape[1]), dtype=np.float32)  # the model's outputs, every row
+        raw[kept] = logits
+        table = {problems.SINGLE: problems.softmax, problems.MULTI: problems.sigmoid}.get(kind, lambda x: x)(raw)
         out = Output(kind, labels, thresholds, fields, label_field, id_field, list(keep),
                      probabilities and kind != problems.REGRESSION, recipe.get("label_separator", ","))
-        summary = _write(output_path, fmt, source, store, table, keep_mask, out, bad)
+        summary = _write(output_path, fmt, source, store, raw, table, keep_mask, out, bad)
         if bad:
             shown = "; ".join(f"row {b['row']}: {b['problem']}" for b in bad[:5])
             log.warning(f"{len(bad)} row(s) could not be read or had no text ({shown}{' …' if len(bad) > 5 else ''}) "
@@ -139,12 +140,6 @@ class Output:
         if self.kind == problems.MULTI:
             return [lab for lab, p, t in zip(self.labels, row, self.thresholds) if p >= t]
         return float(row[0])
-
-    def predictions(self, table: np.ndarray) -> np.ndarray:
-        """As targets (problems.py) for the metrics: class ids, 0/1 per label, values."""
-        if self.kind == problems.SINGLE:
-            return table.argmax(-1)
-        return (table >= self.thresholds).astype(np.int8) if self.kind == problems.MULTI else table[:, 0]
 
 
 def _gold(store, out: Output) -> tuple[np.ndarray, np.ndarray]:
@@ -180,10 +175,11 @@ def _gold(store, out: Output) -> tuple[np.ndarray, np.ndarray]:
     return values[rows], known_value[rows]
 
 
-def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.ndarray, out: Output,
-           bad: list) -> dict:
+def _write(path: str, fmt: str, source, store, raw: np.ndarray, table: np.ndarray, keep_mask: np.ndarray,
+           out: Output, bad: list) -> dict:
     """Stream the input again (for pass-through columns) and write one output row per kept input row, in order;
-    written to a temp file and renamed, so an existing output is never half-replaced."""
+    written to a temp file and renamed, so an existing output is never half-replaced. `raw`: the model's outputs
+    (the metrics take them as fine-tuning's evaluation does); `table`: the probabilities (or values) written."""
     problems_of = {b["row"]: b["problem"] for b in bad} if keep_mask.all() else {}  # (skipped: no error column)
     rows = np.asarray(store.row)
     out_rows = _output_rows(source, out, rows, keep_mask, table, problems_of)
@@ -202,10 +198,7 @@ def _write(path: str, fmt: str, source, store, table: np.ndarray, keep_mask: np.
     gold, known = _gold(store, out)
     scored = keep_mask & known
     if scored.any():
-        pred = out.predictions(table)
-        metrics = problems.single_label_metrics(pred[scored], gold[scored], out.labels) if out.kind == problems.SINGLE \
-            else problems.multi_label_metrics(pred[scored], gold[scored], out.labels) if out.kind == problems.MULTI \
-            else problems.regression_metrics(pred[scored], gold[scored])
+        metrics = problems.metrics(out.kind, raw[scored], gold[scored], out.labels, out.thresholds)
         labelled = np.asarray(store.label) >= 0
         metrics.update(problem_type=out.kind, labels=out.labels, unlabeled=int((~labelled).sum()),
                        unknown_labels=int((labelled & ~known).sum()))

@@ -89,10 +89,7 @@ def vocabulary(problem: str, store, label_field: str, separator: str) -> list:
             raise UserError(f"{store.meta['source']}: data.label_separator {separator!r} splits no label (every row "
                             f"has one label); name the separator the file uses, or set data.problem_type=single_label")
         return sort_labels(label for s in sets for label in s)
-    for v, value in enumerate(store.label_values):
-        if isinstance(value, list):
-            raise UserError(f"{_where(store, v)}: label {value!r} is a list — texts with several labels are "
-                            f"data.problem_type=multi_label")
+    _refuse_lists(store)
     if store.label_names:
         return list(store.label_names)
     return sort_labels(store.label_values)
@@ -131,15 +128,21 @@ def _separator_of(separator: str, value) -> str:
     return separator if isinstance(value, str) else ""
 
 
+def _refuse_lists(store) -> None:
+    """A single-label split whose label is a list: the task is multi-label (named in one line with the row)."""
+    for v, value in enumerate(store.label_values):
+        if isinstance(value, list):
+            raise UserError(f"{_where(store, v)}: label {value!r} is a list — texts with several labels are "
+                            f"data.problem_type=multi_label")
+
+
 def _class_ids(store, vocab: list, names: bool) -> np.ndarray:
     """Class id of each distinct stored label value; a label not in `vocab` is an error naming its row."""
     index = {label: i for i, label in enumerate(vocab)}
     numeric = all(isinstance(x, (int, float)) for x in vocab)
     ids = np.empty(len(store.label_values), dtype=np.int32)
+    _refuse_lists(store)
     for v, label in enumerate(store.label_values):
-        if isinstance(label, list):
-            raise UserError(f"{_where(store, v)}: label {label!r} is a list — texts with several labels are "
-                            f"data.problem_type=multi_label")
         if names and isinstance(label, int) and store.label_names in (None, vocab):
             key = vocab[label] if 0 <= label < len(vocab) else None  # a ClassLabel id
         elif names and isinstance(label, str) and label not in index and label.isdigit():

@@ -239,7 +239,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
         return model, groups, make_optimizer(groups, cfg.optim.betas, cfg.optim.eps)
 
     if run.auto_micro_batch and not eval_only:  # the largest micro-batch that fits (trainer/micro_batch.py)
-        run = micro_batch.probe(run, lambda: build()[::2], lambda m: longest_batches(tasks, m), run.make_engine)
+        run = micro_batch.probe(run, lambda: build()[::2], lambda m: longest_batches(tasks, m))
         cfg, accelerator, topo = run.cfg, run.accelerator, run.topo
     model, groups, optimizer = build()
     evaluate = Evaluator(tasks, accelerator, topo, cfg.eval.select_metric)
