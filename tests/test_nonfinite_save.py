@@ -40,7 +40,7 @@ def evaluate(model):  # a dev metric that improves at every evaluation: every on
 model = torch.nn.Linear(4, 1)
 acc, topo = make_accelerator(precision="fp32", micro_batch=2, grad_accum=1, max_grad_norm=0.0, deepspeed_config=None)
 job = loop.Job(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), batches=batches, loss=loss,
-               samples_per_epoch=100, export=lambda a, m: print("exported"),
+               samples_per_epoch=100, export=lambda a, m, trained: print("exported"),
                evaluate=evaluate if mode == "best" else None,
                select=lambda r: (1 - r["task"]["accuracy"], {"task": ("accuracy", r["task"]["accuracy"])}))
 train = TrainConfig(max_steps=8, micro_batch_size=2, grad_accum=1, max_grad_norm=0.0, log_every=100,

@@ -177,6 +177,16 @@ class LogConfig:
 
 
 @dataclass
+class CardConfig:
+    """What the model card of every export (trainer/model_card.py) cannot learn from the run itself."""
+    model_name: Optional[str] = None  # default: the export's run dir name
+    language: list = field(default_factory=list)  # ISO 639-1 codes of the training text, e.g. [en]
+    license: Optional[str] = None  # a hub license id, e.g. apache-2.0
+    base_model: Optional[str] = None  # the hub id of a local model.name_or_path (a hub name is taken as it is)
+    tags: list = field(default_factory=list)  # added to the trainer's own
+
+
+@dataclass
 class DistributedConfig:
     deepspeed_config: Optional[str] = None  # DS JSON; default: the one named by the accelerate config
 
@@ -191,6 +201,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -222,6 +233,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tasks: list = field(default_factory=list)  # list[TaskConfig]: several → multi-task (then data/text unused)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
@@ -268,6 +280,7 @@ class RecipeConfig:
     finetune: RecipeFinetune = field(default_factory=RecipeFinetune)
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

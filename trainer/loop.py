@@ -19,6 +19,7 @@ from .checkpoint import TrainerState
 from .config import OptimConfig, TrainConfig, WandbConfig
 from .distributed import Topology, decided_by_main
 from .errors import UserError
+from .model_card import hardware
 from .optim.param_groups import implementation, keep_implementation
 from .optim.schedules import GroupSchedule
 from .preemption import StopRequest
@@ -34,7 +35,9 @@ class Job:
     batches: Callable[[int], Iterator[dict]]  # start sample → this rank's micro-batches, forever
     loss: Callable[[torch.nn.Module, dict], torch.Tensor]
     samples_per_epoch: int
-    export: Callable[[object, torch.nn.Module], None]  # (accelerator, model) → final HF export
+    # (accelerator, model, what was trained: steps, samples, global_batch, best_step, engine facts, hardware) →
+    # the final HF export (and its model card, trainer/model_card.py)
+    export: Callable[[object, torch.nn.Module, dict], None]
     tokens: Callable[[dict], torch.Tensor] = (  # real tokens (an unpadded batch has no padding to mask)
         lambda b: b["attention_mask"].sum() if "attention_mask" in b else torch.tensor(b["input_ids"].numel()))
     flops_per_token: Optional[float] = None
@@ -199,7 +202,9 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
         if job.evaluate is not None and checkpoint.is_complete_on_main(accelerator, best):
             reshard.load(accelerator, model, job.optimizer, best, zero)
             log.info(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
-        job.export(accelerator, model)
+        job.export(accelerator, model, {"steps": state.step, "samples": state.samples,
+                                        "global_batch": samples_per_step, "best_step": state.extra.get("best_step"),
+                                        **facts, "world_size": topo.world_size, "hardware": hardware()})
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
         tracker.curves()  # <output_dir>/curves.png (main process; a failure to draw is one log line)
     finally:

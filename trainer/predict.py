@@ -31,6 +31,7 @@ from .classifier import SINGLE, Classifier
 from .config import ClassificationDataConfig
 from .errors import UserError
 from .evaluate import gathered_logits
+from .onnx_export import FILES, OnnxClassifier
 from .text.batching import Collator
 from .text.sources import read_records, source_of
 from .text.store import prepare_split
@@ -51,8 +52,12 @@ def output_format(path: str) -> str:
 def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fields: Optional[list] = None,
                  label_field: Optional[str] = None, id_field: Optional[str] = None, keep: tuple = (),
                  probabilities: bool = True, skip_bad_rows: bool = False, batch_size: int = 64,
-                 overwrite: bool = False, num_proc: int = 1, progress: bool = True) -> dict:
-    """Classify every row of `input_path` into `output_path`; → a summary {rows, predicted, bad_rows, metrics}."""
+                 overwrite: bool = False, num_proc: int = 1, progress: bool = True, backend: str = "torch",
+                 return_outputs: bool = False) -> dict:
+    """Classify every row of `input_path` into `output_path`; → a summary {rows, predicted, bad_rows, metrics}
+    (+ `outputs`, the model's raw outputs per input row, with `return_outputs`; main process).
+    backend: torch, or onnx / onnx-int8 — the export's ONNX graph through onnxruntime (trainer/onnx_export.py),
+    with the same inputs, outputs, bad-row handling and split over processes."""
     from transformers import AutoTokenizer
 
     from .data.cache import default_cache_dir
@@ -64,8 +69,12 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
         raise UserError(f"model dir not found: {model_dir}")
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if backend not in ("torch", *FILES):
+        raise UserError(f"--backend must be torch, {' or '.join(FILES)}; got {backend}")
     state = init_processes(False)
     model, recipe = Classifier.from_pretrained(model_dir)
+    run_batch = OnnxClassifier(model_dir, backend) if backend != "torch" else (
+        lambda batch: model(**{k: v.to(state.device) if torch.is_tensor(v) else v for k, v in batch.items()})[1])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fields = list(text_fields or recipe.get("text_fields") or ["text"])
     label_field = label_field or recipe.get("label_field", "label")
@@ -92,12 +101,11 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     lengths = encoded_stats([store.piece_lengths(f) for f in range(len(fields))], model.text_cfg)[0]
     kept = np.flatnonzero(keep_mask)
     encoder, collate = Encoder(tokenizer, model.text_cfg), Collator(tokenizer.pad_token_id, model.hierarchical)
-    model.to(state.device).eval()
+    if backend == "torch":
+        model.to(state.device).eval()
 
     def logits_of(idx):
-        rows = kept[idx]
-        batch = collate([encoder.encode_pieces(store.pieces(int(i))) for i in rows])
-        return model(**{k: v.to(state.device) if torch.is_tensor(v) else v for k, v in batch.items()})[1]
+        return run_batch(collate([encoder.encode_pieces(store.pieces(int(i))) for i in kept[idx]]))
 
     progress_bar = None
     if progress and state.is_main_process:
@@ -115,6 +123,8 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
         out = Output(kind, labels, thresholds, fields, label_field, id_field, list(keep),
                      probabilities and kind != problems.REGRESSION, recipe.get("label_separator", ","))
         summary = _write(output_path, fmt, source, store, raw, table, keep_mask, out, bad)
+        if return_outputs:
+            summary["outputs"] = raw
         if bad:
             shown = "; ".join(f"row {b['row']}: {b['problem']}" for b in bad[:5])
             log.warning(f"{len(bad)} row(s) could not be read or had no text ({shown}{' …' if len(bad) > 5 else ''}) "

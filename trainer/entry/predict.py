@@ -10,6 +10,7 @@ to <output>.metrics.json. Several processes split the rows (one merged output):
 
     python -m trainer.entry.predict --model runs/tiny-finetune/hf_model --input data.jsonl --output preds.jsonl
     accelerate launch --num_processes 2 -m trainer.entry.predict --model … --input big.parquet --output preds.parquet --id_field id
+    python launch/predict.py --model … --backend onnx …    # onnxruntime (after launch/export.py --format onnx)
     (launch/predict.py is the same command)
 """
 import argparse
@@ -37,6 +38,9 @@ def main():
     parser.add_argument("--skip_bad_rows", action="store_true",
                         help="leave unreadable or empty rows out (default: predict them as empty text, marked)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                        help="onnx / onnx-int8: the export's onnx/model.onnx / model_quantized.onnx through "
+                             "onnxruntime (write them with launch/export.py --format onnx [--quantize int8])")
     parser.add_argument("--num_proc", type=int, default=1, help="tokenizer processes while preparing the input")
     parser.add_argument("--overwrite", action="store_true")
     add_log_flags(parser)
@@ -48,7 +52,8 @@ def main():
     summary = predict_file(args.model, args.input, args.output, text_fields=args.text_fields,
                            label_field=args.label_field, id_field=args.id_field, keep=tuple(args.keep),
                            probabilities=not args.no_probabilities, skip_bad_rows=args.skip_bad_rows,
-                           batch_size=args.batch_size, overwrite=args.overwrite, num_proc=args.num_proc)
+                           batch_size=args.batch_size, overwrite=args.overwrite, num_proc=args.num_proc,
+                           backend=args.backend)
     if summary:
         metrics = summary.get("metrics")
         log.info(f"wrote {summary['predicted']} predictions to {args.output}" + (

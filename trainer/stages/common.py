@@ -165,9 +165,10 @@ def fp32_state_dict(accelerator, model) -> dict:
     return {k: v.float() if torch.is_floating_point(v) else v for k, v in state_dict.items()}
 
 
-def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict] = None) -> None:
-    """Consolidated fp32 `save_pretrained` model + tokenizer (+ `extra` tensors), written to a temp dir and
-    renamed into place."""
+def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict] = None,
+              card: Optional[Callable] = None) -> None:
+    """Consolidated fp32 `save_pretrained` model + tokenizer (+ `extra` tensors, + the model card: `card(dir)`),
+    written to a temp dir and renamed into place."""
     state_dict = fp32_state_dict(accelerator, model)
     if accelerator.is_main_process:
         tmp = target.with_name(target.name + ".tmp")
@@ -177,6 +178,8 @@ def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict]
         if extra:
             _add_tensors(tmp, extra)
         tokenizer.save_pretrained(str(tmp))
+        if card is not None:
+            card(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

@@ -6,17 +6,19 @@ task, one task drawn per optimizer step. `run` reads as the recipe does: the tas
 encoder, the layer-wise decayed parameter groups, the sampler and the evaluator, the loop."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import loop, micro_batch, problems, unpadded
+from .. import loop, micro_batch, model_card, problems, unpadded
 from ..classifier import RECIPE_FILE, SINGLE, Classifier, HeadSpec, plain_init
-from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig
+from ..config import ClassificationDataConfig, FinetuneConfig, TextConfig, to_dict
 from ..errors import UserError
 from ..evaluate import Evaluator
 from ..flops import finetuning_flops_per_token
@@ -215,8 +217,11 @@ def param_groups(model: Classifier, cfg: FinetuneConfig, multi: bool) -> list:
     return groups
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval_only: bool = False) -> bool:
+def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval_only: bool = False,
+        stage_name: Optional[str] = None) -> bool:
     """Train (or continue) one fine-tuning run. True when it finished, False when stopped early.
+
+    stage_name: what the model card's lineage calls this stage (the recipe's FiT / MFiT; default by run type).
 
     eval_only: no training — evaluate `model.name_or_path` (a classifier exported by this trainer) or else the
     latest intact checkpoint in `output_dir` on dev / test, through the same engine and evaluation code as
@@ -250,13 +255,20 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
     sampler = TaskSampler(tasks, cfg.seed, cfg.multitask, cfg.train, topo.world_size, topo.rank,
                           trace_dir=run.out / "samples" if cfg.train.trace_samples else None)
 
-    def export(acc, trained):  # the best-on-dev model: test evaluated once, then one HF model per task
-        evaluate.write_results(trained, results, single=not multi)
-        state_dict = fp32_state_dict(acc, trained)
+    def export(acc, model, trained):  # the best-on-dev model: test evaluated once, then one HF model per task
+        evaluate.write_results(model, results, single=not multi)
+        state_dict = fp32_state_dict(acc, model)
         if acc.is_main_process:
-            for t in tasks:
+            found = json.loads(results.read_text())
+            names = [t.name for t in tasks] if multi else [None]
+            record = model_card.stage_record(
+                stage_name or ("MFiT" if multi else "FiT"), to_dict(cfg), trained, job.samples_per_epoch,
+                found if multi else {None: found}, dict(zip(names, evaluate.select)))
+            for t, name in zip(tasks, names):
                 target = run.out / "tasks" / t.name / "hf_model" if multi else run.out / "hf_model"
-                _export_atomically(acc.unwrap_model(trained), target, state_dict, tokenizer, t)
+                _export_atomically(acc.unwrap_model(model), target, state_dict, tokenizer, t,
+                                   lambda d, name=name, target=target: model_card.write(
+                                       d, record, to_dict(cfg.card), name, final=target))
         acc.wait_for_everyone()
 
     fpt = finetuning_flops_per_token(model.encoder, *(sum(t.train_sums[k] for t in tasks) for k in range(4)),
@@ -310,12 +322,14 @@ def default_cache_dir():
     return cache_dir()
 
 
-def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task) -> None:
+def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task, card) -> None:
+    """The model, then its card (`card(dir)`), into a temp dir renamed into place."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save(tmp, state_dict, tokenizer, task.vocab, task.data.text_fields, task=task.name,
                label_field=task.data.label_field, label_separator=task.data.label_separator)
+    card(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

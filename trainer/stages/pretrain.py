@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .. import loop
-from ..config import PretrainConfig
+from .. import loop, model_card
+from ..config import PretrainConfig, to_dict
 from ..corpus.masking import MLMCollator
 from ..corpus.prepare import prepare_corpus
 from ..corpus.reader import GlobalOrder, PackedDataset, RankBatches
@@ -139,8 +140,9 @@ def prepare_corpora(cfg: PretrainConfig, tokenizer):
     return [prepare_corpus(src, tokenizer, cfg.data.seq_len, cache, cfg.data.num_proc) for src in cfg.data.corpora]
 
 
-def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> bool:
-    """Train (or continue) one pre-training run. True when it finished, False when stopped early."""
+def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, stage_name: Optional[str] = None) -> bool:
+    """Train (or continue) one pre-training run. True when it finished, False when stopped early.
+    stage_name: what the model card's lineage calls this stage (the recipe's ITPT / IDPT / CDPT)."""
     run = open_run(cfg, validate, resume, overwrite)
     if run.auto_micro_batch:
         raise UserError("train.micro_batch_size=auto is for fine-tuning; pre-training sequences all have "
@@ -212,7 +214,11 @@ def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> b
                                       cfg.data.max_predictions, masked_only, cfg.data.nsp)
     job = loop.Job(model=model, optimizer=optimizer, batches=batches, loss=loss,
                    samples_per_epoch=order.epoch_len, flops_per_token=fpt, lr_gate=gate, schedule_start=warmup,
-                   export=lambda acc, m: export_hf(acc, m, tokenizer, out / "hf_model", pooler))
+                   export=lambda acc, m, trained: export_hf(
+                       acc, m, tokenizer, out / "hf_model", pooler,
+                       card=lambda d: model_card.write(d, model_card.stage_record(
+                           stage_name or "pretrain", to_dict(cfg), trained, order.epoch_len), to_dict(cfg.card),
+                           final=out / "hf_model")))
     finished = train(run, job, groups)
     if finished:
         log.info(f"metrics: {out / 'metrics.jsonl'}")

@@ -56,7 +56,7 @@ def _finetune_config(cfg: RecipeConfig, out: Path, model: dict, tasks: list, lr_
     ft["optim"]["lr"] *= lr_scale
     base = {"output_dir": str(out), "seed": cfg.seed, "model": model, "head": ft["head"], "train": ft["train"],
             "optim": ft["optim"], "eval": ft["eval"], "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/{out.name}"},
-            "distributed": asdict(cfg.distributed)}
+            "card": asdict(cfg.card), "distributed": asdict(cfg.distributed)}
     if len(tasks) == 1:
         base.update(data=asdict(tasks[0].data), text=asdict(tasks[0].text))
     else:
@@ -85,7 +85,7 @@ def plan(cfg: RecipeConfig) -> list[Stage]:
                                     "data": asdict(cfg.pretrain.data), "train": asdict(cfg.pretrain.train),
                                     "optim": asdict(cfg.pretrain.optim),
                                     "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/pretrain"},
-                                    "distributed": asdict(cfg.distributed)})
+                                    "card": asdict(cfg.card), "distributed": asdict(cfg.distributed)})
         stages.append(Stage("pretrain", pt_out, pt, pretrain.run))
         start, prefix = pt_out / "hf_model", f"{st.pretrain_label}-"
         if st.fit_after_pretrain:
@@ -153,7 +153,8 @@ def run(cfg: RecipeConfig, overwrite: bool = False) -> bool:
             log.info(f"{where}: done, skipped")
             continue
         log.info(where)
-        finished = stage.runner(stage.config, resume=True)
+        name = cfg.stages.pretrain_label if stage.runner is pretrain.run else stage.label.split("-")[-1]
+        finished = stage.runner(stage.config, resume=True, stage_name=name)
         reset_between_stages()
         if not finished:
             log.info(f"{where}: stopped before the end; run the recipe again to continue it")

@@ -1,0 +1,40 @@
+"""Turn a fine-tuned export into what serving needs: ONNX for onnxruntime (trainer/onnx_export.py).
+
+    python launch/export.py --model runs/trec-minilm/hf_model --format onnx [--quantize int8]
+
+writes <model>/onnx/model.onnx (dynamic batch and sequence axes; checked against PyTorch before it is kept),
+with --quantize int8 also onnx/model_quantized.onnx (dynamic int8), and updates the model card. Predict with it:
+`python launch/predict.py --model <model> --backend onnx …` (or --backend onnx-int8).
+"""
+import argparse
+import json
+import logging
+
+from trainer import logs
+from trainer.cli import Parser, add_log_flags
+from trainer.errors import cli_entry
+
+log = logging.getLogger(__name__)
+
+
+@cli_entry
+def main():
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="dir written by fine-tuning (<output_dir>/hf_model)")
+    parser.add_argument("--format", required=True, choices=("onnx",))
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="also write onnx/model_quantized.onnx (onnxruntime dynamic int8 quantization)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing onnx/ folder")
+    add_log_flags(parser)
+    args = parser.parse_args()
+    logs.setup(args.log_level or "info", args.log_all_ranks)
+    from trainer.onnx_export import export
+    info = export(args.model, quantize=args.quantize == "int8", overwrite=args.overwrite, opset=args.opset)
+    log.info(f"wrote {', '.join(info['files'].values())} to {info['dir']} (inputs {', '.join(info['inputs'])}; "
+             f"max |logit difference| vs PyTorch on a check batch {info['check_max_abs_diff']:.1e})")
+    log.debug(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
