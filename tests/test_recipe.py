@@ -83,6 +83,13 @@ def test_recipe_interrupted_inside_a_stage_resumes_to_the_same_table(tmp_path, c
     assert all(set(row) == {"ITPT-FiT", "ITPT-MFiT", "ITPT-MFiT-FiT"} for row in table.values())
     assert "| task | ITPT-FiT | ITPT-MFiT | ITPT-MFiT-FiT |" in (full / "results.md").read_text()
     assert "| task |" in proc.stdout
+    # the final model's card tells what ran: 2 ranks of DeepSpeed ZeRO-2, written once (main process)
+    final = full / "mfit_fit" / "length" / "hf_model"
+    lineage = json.loads((final / "lineage.json").read_text())["stages"]
+    assert [s["stage"] for s in lineage] == ["ITPT", "MFiT", "FiT"]
+    assert all(s["setup"]["engine"] == "deepspeed" and s["setup"]["zero_stage"] == 2 and
+               s["setup"]["world_size"] == 2 for s in lineage)
+    assert "DeepSpeed ZeRO-2, fp32, 2 × CPU" in (final / "README.md").read_text()
 
     # stop inside the multi-task stage (after pre-training and the ITPT-FiT stages finished)
     run("cpu_zero2", cut, *SMALL, "finetune.train.stop_at_step=5", "stages.fit_after_pretrain=false",
@@ -91,6 +98,8 @@ def test_recipe_interrupted_inside_a_stage_resumes_to_the_same_table(tmp_path, c
     assert not (cut / "mfit" / "stage.json").exists() and (cut / "mfit" / "checkpoints").is_dir()
     run("cpu_zero2", cut, *SMALL, cache=cache, timeout=900, **RECIPE)
     assert json.loads((cut / "results.json").read_text()) == table
+    resumed = json.loads((cut / "mfit_fit" / "length" / "hf_model" / "lineage.json").read_text())["stages"]
+    assert [(s["stage"], s["steps"]) for s in resumed] == [(s["stage"], s["steps"]) for s in lineage]
 
 
 def test_results_table_puts_the_papers_numbers_under_its_tasks(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import problems
+from .classifier import SINGLE
 
 LINEAGE = "lineage.json"
 CARD = "README.md"
@@ -45,6 +46,11 @@ def _hub_id(path, fmt: str) -> Optional[str]:
             or fmt not in ("hub", "auto"):
         return None
     return path if fmt == "hub" or looks_like_hub_name(path) else None
+
+
+def _key(task: Optional[str]) -> str:
+    """A task's key in a record's results: its name, or `default` for the one task of a single-task run."""
+    return task or SINGLE
 
 
 def _without_tables(result: dict) -> dict:
@@ -83,7 +89,7 @@ def stage_record(name: str, cfg: dict, trained: dict, samples_per_epoch: int, re
                 "format": t["data"]["format"], "text_fields": t["data"]["text_fields"],
                 "few_shot": t["data"]["few_shot_fraction"] or t["data"]["few_shot_per_class"],
                 "text": dict(t["text"]), "select_metric": (selection or {}).get(t["name"])} for t in tasks],
-        results={str(task): {split: _without_tables(r) for split, r in splits.items()}
+        results={_key(task): {split: _without_tables(r) for split, r in splits.items()}
                  for task, splits in (results or {}).items()})
     return record
 
@@ -159,7 +165,7 @@ def _eval_results(stage: dict, task: Optional[str], kind: Optional[str]) -> list
     if kind is None or stage["kind"] == "pretrain":
         return []
     t = _task_of(stage, task)
-    result = stage["results"].get(str(t["name"]), {})
+    result = stage["results"].get(_key(t["name"]), {})
     dataset = _hub_id(t["train"], t["format"]) or Path(str(t["train"])).stem or "custom"
     out = []
     for split in ("test", "dev"):
@@ -245,7 +251,7 @@ def _fmt(metric: str, value: float) -> str:
 
 def _results_section(stage: dict, task: Optional[str], recipe: dict) -> list:
     t = _task_of(stage, task)
-    result, kind = stage["results"].get(str(t["name"]), {}), recipe["problem_type"]
+    result, kind = stage["results"].get(_key(t["name"]), {}), recipe["problem_type"]
     if not result:
         return ["## Results", "", "No dev or test split was evaluated.", ""]
     names = problems.METRICS_OF[kind]

@@ -46,12 +46,13 @@ OPSET = 23
 
 
 def _onnx_modules():
-    try:
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch's exporter needs it)
-    except ImportError as e:
-        raise UserError(f"ONNX needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
-                        f"pip install -e '.[onnx]'") from None
+    """onnxruntime, once the packages ONNX needs are known to be there (torch's exporter imports onnxscript)."""
+    import importlib.util
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"ONNX needs onnx, onnxscript and onnxruntime ({name} is missing): "
+                            f"pip install -e '.[onnx]'")
+    import onnxruntime
     return onnxruntime
 
 
