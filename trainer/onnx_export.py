@@ -15,8 +15,8 @@ chunks] (1.0 where a chunk belongs to a document) says which chunks pool into wh
 [documents, outputs]. (The training code pools by a chunk → document index with scatter ops whose output size is
 a data-dependent count; a membership matrix gives the exporter that size as an input shape.)
 
-`quantize`: onnxruntime's dynamic int8 quantization (weights int8, activations quantized per batch at run time)
-into `onnx/model_quantized.onnx` — faster on CPU, at some accuracy: bench/onnx_speed.py measures both."""
+`quantize`: onnxruntime's dynamic int8 quantization (weights int8 per output channel, activations quantized per
+batch at run time) into `onnx/model_quantized.onnx` — faster on CPU, at some accuracy: bench/onnx_speed.py measures both."""
 from __future__ import annotations
 
 import contextlib
@@ -184,9 +184,10 @@ def export(model_dir: str, quantize: bool = False, overwrite: bool = False, opse
         prepared = tmp / "model.prepared.onnx"  # shape inference + graph clean-up, as onnxruntime advises
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
         # the weight matrices only: onnxruntime's quantizer would also turn opset 23's Attention into its own
-        # QAttention, which does not take that op's attributes (an invalid graph)
+        # QAttention, which does not take that op's attributes (an invalid graph). Per output channel: one scale
+        # per weight column kept the test error of fp32 where one per matrix lost a point (bench/RESULTS_onnx.md)
         quantize_dynamic(str(prepared), str(tmp / FILES["onnx-int8"]), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"])
+                         per_channel=True, op_types_to_quantize=["MatMul"])
         prepared.unlink()
         quantized = ort.InferenceSession(str(tmp / FILES["onnx-int8"]), providers=["CPUExecutionProvider"])
         info["int8_check_max_abs_diff"] = float(np.abs(quantized.run(["logits"], {k: v.numpy() for k, v in
