@@ -212,6 +212,19 @@ def test_multi_label_run_reports_exports_and_predicts(multi, cache, tmp_path):
             assert hf[lab] == pytest.approx(p["probabilities"][lab], abs=1e-5)
     scored = json.loads(Path(f"{out}.metrics.json").read_text())
     assert scored["problem_type"] == "multi_label" and scored["n"] == 10 and "micro_f1" in scored
+    _check_card(model, "multi-label", "truncation=True, top_k=None", "f1", results["test"]["micro_f1"])
+    card = (model / "README.md").read_text()
+    assert "A label is predicted when its score reaches its threshold" in card and "Test, per label:" in card
+
+
+def _check_card(model: Path, tag: str, call: str, metric_type: str, test_value: float) -> None:
+    """The export's card: its kind as a tag, the pipeline call of that kind, the headline test metric."""
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(model / "README.md")
+    assert tag in card.data.tags and f'pipeline("text-classification", model="<user>/out", {call})' in card.text
+    found = [r.metric_value for r in card.data.eval_results if r.dataset_split == "test" and
+             r.metric_type == metric_type]
+    assert found[0] == pytest.approx(test_value, abs=1e-6)
 
 
 def test_regression_run_reports_exports_in_the_data_scale_and_predicts(regression, cache, tmp_path):
@@ -241,6 +254,7 @@ def test_regression_run_reports_exports_in_the_data_scale_and_predicts(regressio
     scored = json.loads(Path(f"{out}.metrics.json").read_text())
     assert scored["problem_type"] == "regression" and scored["n"] == 10
     assert scored["mse"] == pytest.approx(np.mean((np.array(values) - [r["score"] for r in rows]) ** 2), rel=1e-3)
+    _check_card(model, "regression", 'truncation=True, function_to_apply="none"', "pearsonr", results["test"]["pearson"])
 
 
 # ----------------------------------------------------------------------------- early stopping
