@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (cache dir, offline env, repo on sys.path)
 import numpy as np
-from _common import header, median
+from _common import header, median  # (importing _common sets the cache dir, offline env, repo on sys.path)
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 
@@ -73,19 +72,21 @@ def main():
                 first.setdefault(b, s)
         ref = first["torch"]
         kind = ref["metrics"]["problem_type"]
-        metric = {"single_label": "error_rate", "multi_label": "micro_f1", "regression": "pearson"}[kind]
-        labels = {b: [json.loads(line).get("label", json.loads(line).get("labels")) for line in
-                       (work / f"{b}.jsonl").open()] for b in BACKENDS}
+        from trainer.problems import DEFAULT_METRIC
+        metric = DEFAULT_METRIC[kind]
+        column = {"single_label": "label", "multi_label": "labels"}.get(kind)  # regression: no label to agree on
+        labels = {b: [json.loads(line)[column] for line in (work / f"{b}.jsonl").open()] if column else []
+                  for b in BACKENDS}
         print(f"\n| backend | examples/s (median of {args.repeats}) | × PyTorch | test {metric} | "
               "max abs output diff vs PyTorch | same prediction |")
         print("|---|---|---|---|---|---|")
         for b in BACKENDS:
             diff = float(np.abs(first[b]["outputs"] - ref["outputs"]).max())
-            agree = np.mean([x == y for x, y in zip(labels[b], labels["torch"])])
+            agree = f"{100 * np.mean([x == y for x, y in zip(labels[b], labels['torch'])]):.1f} %" if column else "–"
             value = first[b]["metrics"][metric]
             shown = f"{100 * value:.2f} %" if metric != "pearson" else f"{value:.4f}"
             print(f"| {b} | {median(speed[b]):.1f} | {median(speed[b]) / median(speed['torch']):.2f} | {shown} | "
-                  f"{diff:.1e} | {100 * agree:.1f} % |")
+                  f"{diff:.1e} | {agree} |")
         print(f"\nSUMMARY onnx {median(speed['onnx']) / median(speed['torch']):.2f}x, "
               f"onnx-int8 {median(speed['onnx-int8']) / median(speed['torch']):.2f}x of PyTorch; fp32 max diff "
               f"{float(np.abs(first['onnx']['outputs'] - ref['outputs']).max()):.1e}")

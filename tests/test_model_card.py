@@ -11,7 +11,8 @@ from launching import metrics, run
 
 RECIPE = dict(script="recipe.py", config="configs/recipe/tiny.yaml")
 SMALL = ["stages.fit_baseline=false", "pretrain.train.max_steps=20", "finetune.train.max_steps=8",
-         "finetune.train.eval_every=4", "card.language=[en]", "card.license=apache-2.0", "card.tags=[demo]"]
+         "finetune.train.eval_every=4", "card.language=[en]", "card.license=apache-2.0", "card.tags=[demo]",
+         "card.model_name=demo"]
 TASKS = ("topics", "polarity", "length")
 
 
@@ -54,8 +55,15 @@ def test_final_models_carry_every_stage_of_the_recipe(recipe):
         text = stages[2]["tasks"][0]["text"]
         assert f"{text['strategy']} truncation, max_len {text['max_len']}" in card
         assert "single process, fp32, 1 × CPU" in card
+        assert "dev carved from train (10%, stratified)" in card  # the tiny tasks name no dev split
     mfit = _lineage(recipe / "mfit" / "tasks" / "polarity" / "hf_model")
     assert [s["stage"] for s in mfit["stages"]] == ["ITPT", "MFiT"] and mfit["task"] == "polarity"
+    # card.model_name in a recipe: each export gets its own name (one name would make uploads overwrite)
+    from huggingface_hub import ModelCard
+    names = {d: ModelCard.load(recipe / d / "README.md").data.model_name
+             for d in ("pretrain/hf_model", "mfit/tasks/polarity/hf_model", "mfit_fit/length/hf_model")}
+    assert names == {"pretrain/hf_model": "demo-pretrain", "mfit/tasks/polarity/hf_model": "demo-mfit-polarity",
+                     "mfit_fit/length/hf_model": "demo-mfit_fit-length"}
 
 
 def test_card_metadata_round_trips_through_huggingface_hub(recipe):
@@ -82,18 +90,22 @@ def test_card_usage_is_the_pipeline_call_where_it_reproduces_training_else_predi
     from trainer.predict import predict_file
     length, polarity = (recipe / "mfit_fit" / t / "hf_model" for t in ("length", "polarity"))
     card = (length / "README.md").read_text()
-    assert 'pipeline("text-classification", model="<user>/length", truncation=True)' in card
-    assert f"--model {length} " in card and f"hf upload <user>/length {length}" in card
+    assert 'pipeline("text-classification", model="<user>/demo-mfit_fit-length", truncation=True)' in card
+    assert f"--model {length} " in card and f"hf upload <user>/demo-mfit_fit-length {length}" in card
     other = (polarity / "README.md").read_text()
     assert "pipeline(" not in other and "head_tail" in other and f"launch/predict.py --model {polarity}" in other
-    # the card's pipeline call gives predict's labels
-    texts = ["One sentence. Two sentences. Three.", " ".join(["A sentence here."] * 11)]
+    # the card's pipeline call gives predict's label and probability — also for a text longer than max_len 128,
+    # which both cut the same way
+    texts = ["One sentence. Two sentences. Three.", " ".join(["A sentence here."] * 60)]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     predict_file(str(length), str(inp), str(tmp_path / "out.jsonl"), progress=False)
-    expected = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     classifier = pipeline("text-classification", model=str(length), truncation=True)
-    assert [r["label"] for r in classifier(texts)] == expected
+    for got, want in zip(classifier(texts), expected):
+        assert got["label"] == want["label"]
+        assert got["score"] == pytest.approx(want["probabilities"][want["label"]], abs=1e-5)
+    assert classifier.tokenizer(texts[1], truncation=True)["input_ids"].__len__() == 128
 
 
 def test_onnx_export_adds_its_usage_to_the_card(recipe):

@@ -47,6 +47,7 @@ CASES = {
     "bert-all-mean": ("bert", {"layers": "all", "layer_pool": "mean"}, {}, "single_label"),
     "bert-two-layers-max": ("bert", {"layers": [1, -1], "layer_pool": "max"}, {}, "single_label"),
     "bert-head-tail": ("bert", {}, {"strategy": "head_tail", "max_len": 24, "head_tokens": 8}, "single_label"),
+    "bert-sentence-pairs": ("bert", {"layers": "last4"}, {"max_len": 24}, "single_label"),
     "bert-hierarchical-mean": ("bert", {}, {**HIER, "chunk_pool": "mean"}, "single_label"),
     "bert-hierarchical-max": ("bert", {}, {**HIER, "chunk_pool": "max"}, "single_label"),
     "bert-hierarchical-attention": ("bert", {}, {**HIER, "chunk_pool": "attention"}, "single_label"),
@@ -60,7 +61,8 @@ CASES = {
 }
 
 
-def save_classifier(target: Path, tokenizer, family="bert", head=None, text=None, kind="single_label") -> Path:
+def save_classifier(target: Path, tokenizer, family="bert", head=None, text=None, kind="single_label",
+                    fields=("text",)) -> Path:
     """A classifier export as fine-tuning writes it (random weights: parity needs no training)."""
     torch.manual_seed(0)
     text_cfg = TextConfig(**{"max_len": 64, **(text or {})})
@@ -70,7 +72,7 @@ def save_classifier(target: Path, tokenizer, family="bert", head=None, text=None
     model = Classifier(_encoder(family), {"default": spec}, HeadConfig(**(head or {}))).eval()
     for name, p in model.heads.named_parameters():  # an untrained encoder's features differ little from text to
         torch.nn.init.normal_(p, std=5.0 if "classifier.weight" in name else 0.5)  # text: a head that shows it
-    model.save(target, model.state_dict(), tokenizer, labels, ["text"])
+    model.save(target, model.state_dict(), tokenizer, labels, list(fields))
     return target
 
 
@@ -82,9 +84,10 @@ def texts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("texts") / "in.jsonl", records)
 
 
-def _predict(model_dir, inp, out, backend):
+def _predict(model_dir, inp, out, backend, batch_size=64):
     from trainer.predict import predict_file
-    return predict_file(str(model_dir), str(inp), str(out), backend=backend, return_outputs=True, progress=False)
+    return predict_file(str(model_dir), str(inp), str(out), backend=backend, return_outputs=True, progress=False,
+                        batch_size=batch_size, overwrite=True)
 
 
 def _read(path: Path) -> list:
@@ -95,7 +98,12 @@ def _read(path: Path) -> list:
 def test_onnx_predicts_what_pytorch_predicts(case, tiny_tokenizer, texts, tmp_path):
     from trainer.onnx_export import export
     family, head, text, kind = CASES[case]
-    model_dir = save_classifier(tmp_path / "model", tiny_tokenizer, family, head, text, kind)
+    fields = ("text", "text_pair") if case == "bert-sentence-pairs" else ("text",)
+    model_dir = save_classifier(tmp_path / "model", tiny_tokenizer, family, head, text, kind, fields)
+    if len(fields) == 2:  # each row a pair: segment ids 0 and 1 reach the graph's token_type_ids
+        records = [json.loads(line) for line in texts.read_text().splitlines()]
+        texts = write_jsonl(tmp_path / "pairs.jsonl", [{"text": a["text"], "text_pair": b["text"], "label": a["label"]}
+                                                       for a, b in zip(records, records[::-1])])
     info = export(str(model_dir))
     assert info["check_max_abs_diff"] <= 1e-4
     names = ["input_ids", "attention_mask"]
@@ -112,6 +120,8 @@ def test_onnx_predicts_what_pytorch_predicts(case, tiny_tokenizer, texts, tmp_pa
     else:
         assert [r[column] for r in onnx_rows] == [r[column] for r in torch_rows]
     assert a["outputs"].std(0).min() > 1e-3  # outputs depend on the input: the comparison is not of constants
+    one = _predict(model_dir, texts, tmp_path / "one.jsonl", "onnx", batch_size=1)  # a batch of one row / document
+    assert np.abs(one["outputs"] - a["outputs"]).max() <= 1e-4
 
 
 def _cli(script: str, *args, cache: Path, processes: int = 1):
@@ -187,9 +197,16 @@ def test_an_export_the_exporter_cannot_handle_is_refused_naming_why(tiny_tokeniz
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("Unsupported operator aten::fancy_op\nlong details")
-    monkeypatch.setattr(torch.onnx, "export", unsupported)
-    with pytest.raises(UserError, match=r"cannot export this bert classifier .*RuntimeError: Unsupported "
-                                        r"operator aten::fancy_op$"):
+    with monkeypatch.context() as m:
+        m.setattr(torch.onnx, "export", unsupported)
+        with pytest.raises(UserError, match=r"cannot export this bert classifier .*RuntimeError: Unsupported "
+                                            r"operator aten::fancy_op$"):
+            export(str(model_dir))
+    assert sorted(p.name for p in model_dir.iterdir() if "onnx" in p.name) == []
+
+    import onnxruntime  # the graph written, but the runtime refuses it (or the quantizer fails): the same
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: unsupported())
+    with pytest.raises(UserError, match=r"onnxruntime cannot run or quantize .* RuntimeError: Unsupported"):
         export(str(model_dir))
     assert sorted(p.name for p in model_dir.iterdir() if "onnx" in p.name) == []
 

@@ -288,11 +288,9 @@ class Classifier(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
         path = Path(path)
-        if not (path / RECIPE_FILE).is_file():
-            raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
-        recipe = json.loads((path / RECIPE_FILE).read_text())
+        recipe = read_recipe(path)
         encoder = encoder or AutoModel.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
-        kind = recipe.setdefault("problem_type", problems.SINGLE)
+        kind = recipe["problem_type"]
         stats = recipe.get("target", {"mean": 0.0, "std": 1.0})
         spec = HeadSpec(problems.num_outputs(kind, recipe["labels"]), TextConfig(**recipe["text"]), kind,
                         recipe.get("loss_weights"), stats["mean"], stats["std"], recipe.get("thresholds"))
@@ -311,6 +309,17 @@ class Classifier(nn.Module):
                 lin.bias.sub_(spec.target_mean).div_(spec.target_std)
                 lin.weight.div_(spec.target_std)
         return model, recipe
+
+
+def read_recipe(path) -> dict:
+    """An export's bert_recipe.json: {labels, text_fields, problem_type, head, text, …}; exports from before
+    problem types existed are single-label."""
+    path = Path(path)
+    if not (path / RECIPE_FILE).is_file():
+        raise UserError(f"{path} is not a model exported by this trainer (no {RECIPE_FILE})")
+    recipe = json.loads((path / RECIPE_FILE).read_text())
+    recipe.setdefault("problem_type", problems.SINGLE)
+    return recipe
 
 
 def _tokenizer_truncates_like(target: Path, text_cfg) -> None:

@@ -179,7 +179,7 @@ class LogConfig:
 @dataclass
 class CardConfig:
     """What the model card of every export (trainer/model_card.py) cannot learn from the run itself."""
-    model_name: Optional[str] = None  # default: the export's run dir name
+    model_name: Optional[str] = None  # default: the run dir's name (+ "-<task>" for a multi-task run's exports)
     language: list = field(default_factory=list)  # ISO 639-1 codes of the training text, e.g. [en]
     license: Optional[str] = None  # a hub license id, e.g. apache-2.0
     base_model: Optional[str] = None  # the hub id of a local model.name_or_path (a hub name is taken as it is)

@@ -204,7 +204,8 @@ def run(job: Job, cfg: LoopConfig, accelerator, topo: Topology, resume_from: Opt
             log.info(f"restored the best-on-dev model (step {state.extra['best_step']}) from {best}")
         job.export(accelerator, model, {"steps": state.step, "samples": state.samples,
                                         "global_batch": samples_per_step, "best_step": state.extra.get("best_step"),
-                                        **facts, "world_size": topo.world_size, "hardware": hardware()})
+                                        **facts, "world_size": topo.world_size, "hardware": hardware(),
+                                        "resumed": resume_from is not None})
         tracker.summary({"loss": last.get("loss", float("nan")), "step": state.step})
         tracker.curves()  # <output_dir>/curves.png (main process; a failure to draw is one log line)
     finally:

@@ -27,6 +27,7 @@ PAPER = "https://arxiv.org/abs/1905.05583"
 HUB_METRIC = {"error_rate": "error_rate", "accuracy": "accuracy", "macro_f1": "f1", "micro_f1": "f1",
               "exact_match": "exact_match", "pearson": "pearsonr", "spearman": "spearmanr", "mse": "mse",
               "mae": "mae"}
+AVERAGE = {"macro_f1": "macro", "micro_f1": "micro"}  # model-index metric config: how an F1 is averaged
 PRETRAIN_KIND = {"ITPT": "within-task", "IDPT": "in-domain", "CDPT": "cross-domain"}
 
 
@@ -48,6 +49,15 @@ def _hub_id(path, fmt: str) -> Optional[str]:
     return path if fmt == "hub" or looks_like_hub_name(path) else None
 
 
+def _paths(path) -> list:
+    return path if isinstance(path, list) else [path]
+
+
+def _hub_model(name: Optional[str]) -> bool:
+    """Whether a model.name_or_path names a hub model (no such local folder, and shaped like `org/name`)."""
+    return bool(name) and not os.path.exists(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
 def _key(task: Optional[str]) -> str:
     """A task's key in a record's results: its name, or `default` for the one task of a single-task run."""
     return task or SINGLE
@@ -65,16 +75,22 @@ def stage_record(name: str, cfg: dict, trained: dict, samples_per_epoch: int, re
     optim = cfg["optim"]
     record = {
         "stage": name, "output_dir": cfg["output_dir"], "start": cfg["model"]["name_or_path"],
+        # decided now, while the paths a run names exist: a card re-rendered elsewhere must not take a moved
+        # local folder for a hub name
+        "start_on_hub": _hub_model(cfg["model"]["name_or_path"]),
         "steps": trained["steps"], "epochs": round(trained["samples"] / max(1, samples_per_epoch), 3),
         "global_batch": trained["global_batch"], "lr": optim["lr"], "scheduler": optim["scheduler"],
-        "warmup": optim["warmup_steps"] or optim["warmup_ratio"], "weight_decay": optim["weight_decay"],
-        "seed": cfg["seed"],
+        "warmup": (f"{optim['warmup_steps']} steps" if optim["warmup_steps"] else
+                   f"ratio {optim['warmup_ratio']:g}"), "weight_decay": optim["weight_decay"],
+        "seed": cfg["seed"], "resumed": trained.get("resumed", False),
         "setup": {k: trained[k] for k in ("engine", "zero_stage", "offload", "precision", "optimizer",
                                           "world_size", "micro_batch_size", "grad_accum", "hardware")},
     }
     if "corpora" in cfg["data"]:  # masked-LM pre-training
         data = cfg["data"]
-        record.update(kind="pretrain", corpora=[{"path": c["path"], "format": c["format"], "weight": c["weight"]}
+        record.update(kind="pretrain", corpora=[{"path": c["path"], "format": c["format"], "weight": c["weight"],
+                                                 "hub": [d for d in (_hub_id(p, c["format"]) for p in
+                                                                     _paths(c["path"])) if d]}
                                                 for c in data["corpora"]],
                       seq_len=data["seq_len"], mlm_probability=data["mlm_probability"],
                       whole_word_mask=data["whole_word_mask"], nsp=data["nsp"])
@@ -86,8 +102,11 @@ def stage_record(name: str, cfg: dict, trained: dict, samples_per_epoch: int, re
         best_step=trained.get("best_step"),
         tasks=[{"name": t["name"], "problem_type": t["data"]["problem_type"],
                 **{split: t["data"][split] for split in ("train", "dev", "test")},
-                "format": t["data"]["format"], "text_fields": t["data"]["text_fields"],
-                "few_shot": t["data"]["few_shot_fraction"] or t["data"]["few_shot_per_class"],
+                "format": t["data"]["format"], "hub": _hub_id(t["data"]["train"], t["data"]["format"]),
+                "dev_ratio": t["data"]["dev_ratio"], "text_fields": t["data"]["text_fields"],
+                "few_shot": (f"{t['data']['few_shot_fraction']:g} of train" if t["data"]["few_shot_fraction"] else
+                             f"{t['data']['few_shot_per_class']} per class" if t["data"]["few_shot_per_class"]
+                             else None),
                 "text": dict(t["text"]), "select_metric": (selection or {}).get(t["name"])} for t in tasks],
         results={_key(task): {split: _without_tables(r) for split, r in splits.items()}
                  for task, splits in (results or {}).items()})
@@ -121,9 +140,8 @@ def render(folder: Path, final: Optional[Path] = None):
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
     config = json.loads((folder / "config.json").read_text())
     last = stages[-1]
-    name = card.get("model_name") or "-".join(x for x in (Path(last["output_dir"]).name, task) if x)
-    first_start = stages[0]["start"]
-    base = card.get("base_model") or (first_start if first_start and not os.path.exists(first_start) else None)
+    name = "-".join(x for x in (card.get("model_name") or Path(last["output_dir"]).name, task) if x)
+    base = card.get("base_model") or (stages[0]["start"] if stages[0].get("start_on_hub") else None)
     hub_data = [d for s in stages for d in _datasets_of(s)]
     kind = recipe["problem_type"] if recipe else None
     tags = [LIBRARY_TAG, config.get("model_type", "bert"), *(["onnx"] if (folder / "onnx").is_dir() else []),
@@ -148,11 +166,8 @@ def render(folder: Path, final: Optional[Path] = None):
 
 def _datasets_of(stage: dict) -> list:
     if stage["kind"] == "pretrain":
-        paths = [(p, c["format"]) for c in stage["corpora"] for p in (c["path"] if isinstance(c["path"], list)
-                                                                       else [c["path"]])]
-    else:
-        paths = [(t["train"], t["format"]) for t in stage["tasks"]]
-    return [d for d in (_hub_id(p, f) for p, f in paths) if d]
+        return [d for c in stage["corpora"] for d in c["hub"]]
+    return [t["hub"] for t in stage["tasks"] if t["hub"]]
 
 
 def _task_of(stage: dict, task: Optional[str]) -> dict:
@@ -165,8 +180,8 @@ def _eval_results(stage: dict, task: Optional[str], kind: Optional[str]) -> list
     if kind is None or stage["kind"] == "pretrain":
         return []
     t = _task_of(stage, task)
-    result = stage["results"].get(_key(t["name"]), {})
-    dataset = _hub_id(t["train"], t["format"]) or Path(str(t["train"])).stem or "custom"
+    result = stage["results"][_key(t["name"])]
+    dataset = t["hub"] or Path(str(t["train"])).stem or "custom"
     out = []
     for split in ("test", "dev"):
         for metric in problems.METRICS_OF[kind]:
@@ -174,6 +189,7 @@ def _eval_results(stage: dict, task: Optional[str], kind: Optional[str]) -> list
                 out.append(EvalResult(task_type="text-classification", dataset_type=dataset,
                                       dataset_name=t["name"] or dataset, dataset_split=split,
                                       metric_type=HUB_METRIC[metric], metric_name=f"{metric} ({split})",
+                                      metric_config=AVERAGE.get(metric),
                                       metric_value=round(float(result[split][metric]), 6)))
     return out
 
@@ -219,6 +235,8 @@ def _text(text: dict) -> str:
 
 def _data(t: dict) -> str:
     splits = ", ".join(f"{split} `{t[split]}`" for split in ("train", "dev", "test") if t[split])
+    if not t["dev"]:
+        splits += f", dev carved from train ({t['dev_ratio']:.0%}, stratified)"
     few = f", few-shot {t['few_shot']}" if t["few_shot"] else ""
     return f"{splits}{few} ({t['problem_type']})"
 
@@ -228,7 +246,7 @@ def _lineage_section(stages: list) -> list:
     for i, s in enumerate(stages, 1):
         start = f"`{s['start']}`" if s["start"] else "random initialisation"
         lines.append(f"{i}. **{_stage_title(s)}** — from {start}, {s['steps']} steps ({s['epochs']} epochs) of "
-                     f"{s['global_batch']} examples, lr {s['lr']:g} ({s['scheduler']}, warm-up {s['warmup']:g}), "
+                     f"{s['global_batch']} examples, lr {s['lr']:g} ({s['scheduler']}, warm-up {s['warmup']}), "
                      f"weight decay {s['weight_decay']:g}, seed {s['seed']}.")
         if s["kind"] == "pretrain":
             corpora = "; ".join(f"`{c['path']}` (weight {c['weight']:g})" for c in s["corpora"])
@@ -241,7 +259,8 @@ def _lineage_section(stages: list) -> list:
             for t in s["tasks"]:
                 head = f"task {t['name']}: " if t["name"] else ""
                 lines.append(f"   - {head}{_data(t)}; {_text(t['text'])}")
-        lines.append(f"   - trained on {_setup(s)}; run dir `{s['output_dir']}`")
+        resumed = " (resumed after an interruption: the setup that finished it)" if s.get("resumed") else ""
+        lines.append(f"   - trained on {_setup(s)}{resumed}; run dir `{s['output_dir']}`")
     return lines + [""]
 
 
@@ -251,9 +270,7 @@ def _fmt(metric: str, value: float) -> str:
 
 def _results_section(stage: dict, task: Optional[str], recipe: dict) -> list:
     t = _task_of(stage, task)
-    result, kind = stage["results"].get(_key(t["name"]), {}), recipe["problem_type"]
-    if not result:
-        return ["## Results", "", "No dev or test split was evaluated.", ""]
+    result, kind = stage["results"][_key(t["name"])], recipe["problem_type"]
     names = problems.METRICS_OF[kind]
     lines = ["## Results", "", "| split | examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for split, r in result.items():

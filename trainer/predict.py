@@ -27,8 +27,8 @@ import torch
 from accelerate.utils import gather
 
 from . import problems
-from .classifier import SINGLE, Classifier
-from .config import ClassificationDataConfig
+from .classifier import Classifier, read_recipe
+from .config import ClassificationDataConfig, TextConfig
 from .errors import UserError
 from .evaluate import gathered_logits
 from .onnx_export import FILES, OnnxClassifier
@@ -72,9 +72,15 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     if backend not in ("torch", *FILES):
         raise UserError(f"--backend must be torch, {' or '.join(FILES)}; got {backend}")
     state = init_processes(False)
-    model, recipe = Classifier.from_pretrained(model_dir)
-    run_batch = OnnxClassifier(model_dir, backend) if backend != "torch" else (
-        lambda batch: model(**{k: v.to(state.device) if torch.is_tensor(v) else v for k, v in batch.items()})[1])
+    recipe = read_recipe(model_dir)
+    text_cfg = TextConfig(**recipe["text"])
+    if backend == "torch":
+        model = Classifier.from_pretrained(model_dir)[0].to(state.device).eval()
+
+        def run_batch(batch):
+            return model(**{k: v.to(state.device) if torch.is_tensor(v) else v for k, v in batch.items()})[1]
+    else:  # the ONNX graph alone: the PyTorch model is not loaded
+        run_batch = OnnxClassifier(model_dir, backend)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fields = list(text_fields or recipe.get("text_fields") or ["text"])
     label_field = label_field or recipe.get("label_field", "label")
@@ -98,11 +104,10 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
     keep_mask = np.ones(store.n, dtype=bool)
     if bad and skip_bad_rows:
         keep_mask[np.searchsorted(np.asarray(store.row), [b["row"] for b in bad])] = False
-    lengths = encoded_stats([store.piece_lengths(f) for f in range(len(fields))], model.text_cfg)[0]
+    lengths = encoded_stats([store.piece_lengths(f) for f in range(len(fields))], text_cfg)[0]
     kept = np.flatnonzero(keep_mask)
-    encoder, collate = Encoder(tokenizer, model.text_cfg), Collator(tokenizer.pad_token_id, model.hierarchical)
-    if backend == "torch":
-        model.to(state.device).eval()
+    encoder = Encoder(tokenizer, text_cfg)
+    collate = Collator(tokenizer.pad_token_id, text_cfg.strategy == "hierarchical")
 
     def logits_of(idx):
         return run_batch(collate([encoder.encode_pieces(store.pieces(int(i))) for i in kept[idx]]))
@@ -113,7 +118,7 @@ def predict_file(model_dir: str, input_path: str, output_path: str, *, text_fiel
         progress_bar = partial(tqdm, desc=f"predict ({state.num_processes} process"
                                f"{'es' if state.num_processes > 1 else ''}, rank 0's share)", unit="batch")
     with torch.no_grad():
-        logits = gathered_logits(logits_of, lengths[kept], batch_size, model.heads[SINGLE].spec.num_outputs,
+        logits = gathered_logits(logits_of, lengths[kept], batch_size, problems.num_outputs(kind, labels),
                                  state.num_processes, state.process_index, state.device, gather, progress_bar)
     summary = {}
     if state.is_main_process:

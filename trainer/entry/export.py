@@ -24,15 +24,17 @@ def main():
     parser.add_argument("--format", required=True, choices=("onnx",))
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="also write onnx/model_quantized.onnx (onnxruntime dynamic int8 quantization)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23: ONNX's Attention op, which onnxruntime runs as one kernel)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing onnx/ folder")
     add_log_flags(parser)
     args = parser.parse_args()
     logs.setup(args.log_level or "info", args.log_all_ranks)
     from trainer.onnx_export import export
     info = export(args.model, quantize=args.quantize == "int8", overwrite=args.overwrite, opset=args.opset)
+    int8 = (f"; int8: {info['int8_check_max_abs_diff']:.1e}, an approximation — measure its test error with "
+            f"bench/onnx_speed.py" if "int8_check_max_abs_diff" in info else "")
     log.info(f"wrote {', '.join(info['files'].values())} to {info['dir']} (inputs {', '.join(info['inputs'])}; "
-             f"max |logit difference| vs PyTorch on a check batch {info['check_max_abs_diff']:.1e})")
+             f"max |output difference| vs PyTorch on a check batch: {info['check_max_abs_diff']:.1e}{int8})")
     log.debug(json.dumps(info))
 
 

@@ -168,22 +168,31 @@ def fp32_state_dict(accelerator, model) -> dict:
 def export_hf(accelerator, model, tokenizer, target: Path, extra: Optional[dict] = None,
               card: Optional[Callable] = None) -> None:
     """Consolidated fp32 `save_pretrained` model + tokenizer (+ `extra` tensors, + the model card: `card(dir)`),
-    written to a temp dir and renamed into place."""
+    written as `write_export` writes."""
     state_dict = fp32_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        _declare_fp32(tmp)
-        if extra:
-            _add_tensors(tmp, extra)
-        tokenizer.save_pretrained(str(tmp))
-        if card is not None:
-            card(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        def fill(tmp: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            _declare_fp32(tmp)
+            if extra:
+                _add_tensors(tmp, extra)
+            tokenizer.save_pretrained(str(tmp))
+        write_export(target, fill, card)
     accelerator.wait_for_everyone()
+
+
+def write_export(target: Path, fill: Callable[[Path], None], card: Optional[Callable] = None) -> None:
+    """`fill(dir)` writes the model files into a fresh temp dir, `card(dir)` its model card; then the dir is
+    renamed into place: nobody reads half an export, and a failed write leaves the previous one whole."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fill(tmp)
+    if card is not None:
+        card(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def _declare_fp32(model_dir: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from ..optim.param_groups import build_param_groups, make_optimizer
 from ..text import truncation
 from ..text.batching import Collator
 from ..text.tasks import load_task
-from .common import Run, fp32_state_dict, open_run, train, validate_train_optim
+from .common import Run, fp32_state_dict, open_run, train, validate_train_optim, write_export
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +262,14 @@ def run(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, eval
             names = [t.name for t in tasks] if multi else [None]
             record = model_card.stage_record(
                 stage_name or ("MFiT" if multi else "FiT"), to_dict(cfg), trained, job.samples_per_epoch,
-                found if multi else {None: found}, dict(zip(names, evaluate.select)))
+                found if multi else {SINGLE: found}, dict(zip(names, evaluate.select)))
             for t, name in zip(tasks, names):
                 target = run.out / "tasks" / t.name / "hf_model" if multi else run.out / "hf_model"
-                _export_atomically(acc.unwrap_model(model), target, state_dict, tokenizer, t,
-                                   lambda d, name=name, target=target: model_card.write(
-                                       d, record, to_dict(cfg.card), name, final=target))
+                write_export(target, lambda d, t=t: acc.unwrap_model(model).save(
+                    d, state_dict, tokenizer, t.vocab, t.data.text_fields, task=t.name, label_field=t.data.label_field,
+                    label_separator=t.data.label_separator),
+                    lambda d, name=name, target=target: model_card.write(d, record, to_dict(cfg.card), name,
+                                                                        final=target))
         acc.wait_for_everyone()
 
     fpt = finetuning_flops_per_token(model.encoder, *(sum(t.train_sums[k] for t in tasks) for k in range(4)),
@@ -320,16 +321,3 @@ def _evaluate_only(run: Run, model, optimizer, checkpoint_path, evaluate: Evalua
 def default_cache_dir():
     from ..data.cache import default_cache_dir as cache_dir
     return cache_dir()
-
-
-def _export_atomically(model: Classifier, target: Path, state_dict: dict, tokenizer, task: Task, card) -> None:
-    """The model, then its card (`card(dir)`), into a temp dir renamed into place."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save(tmp, state_dict, tokenizer, task.vocab, task.data.text_fields, task=task.name,
-               label_field=task.data.label_field, label_separator=task.data.label_separator)
-    card(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)

@@ -51,12 +51,21 @@ def _model(cfg: RecipeConfig, name_or_path: Optional[str]) -> dict:
     return model
 
 
+def _card(cfg: RecipeConfig, out: Path) -> dict:
+    """A stage's card settings: the recipe's, its `model_name` (when set) made the stage's own — every stage
+    exports a model, and one name for all would make their uploads overwrite each other."""
+    card = asdict(cfg.card)
+    if card["model_name"]:
+        card["model_name"] += "-" + "-".join(out.relative_to(cfg.output_dir).parts)
+    return card
+
+
 def _finetune_config(cfg: RecipeConfig, out: Path, model: dict, tasks: list, lr_scale: float = 1.0):
     ft = asdict(cfg.finetune)
     ft["optim"]["lr"] *= lr_scale
     base = {"output_dir": str(out), "seed": cfg.seed, "model": model, "head": ft["head"], "train": ft["train"],
             "optim": ft["optim"], "eval": ft["eval"], "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/{out.name}"},
-            "card": asdict(cfg.card), "distributed": asdict(cfg.distributed)}
+            "card": _card(cfg, out), "distributed": asdict(cfg.distributed)}
     if len(tasks) == 1:
         base.update(data=asdict(tasks[0].data), text=asdict(tasks[0].text))
     else:
@@ -85,7 +94,7 @@ def plan(cfg: RecipeConfig) -> list[Stage]:
                                     "data": asdict(cfg.pretrain.data), "train": asdict(cfg.pretrain.train),
                                     "optim": asdict(cfg.pretrain.optim),
                                     "wandb": {**asdict(cfg.wandb), "name": f"{cfg.wandb.name or 'recipe'}/pretrain"},
-                                    "card": asdict(cfg.card), "distributed": asdict(cfg.distributed)})
+                                    "card": _card(cfg, pt_out), "distributed": asdict(cfg.distributed)})
         stages.append(Stage("pretrain", pt_out, pt, pretrain.run))
         start, prefix = pt_out / "hf_model", f"{st.pretrain_label}-"
         if st.fit_after_pretrain:
