@@ -2,6 +2,12 @@
 the grid's finished points and the baselines' runs.
 
     python bench/peers.py --grid bench/grids/<name>.yaml [--peer plain|hf-trainer] [--with-grid] [key=value ...]
+    python bench/peers.py --like RUN_DIR --out DIR [--peer ...] [--deepspeed JSON] [key=value ...]
+
+`--like`: one peer run on the resolved config of a finished trainer run (`RUN_DIR/config.yaml`, overrides
+applied on top), written to --out, then both speeds and their ratio. The caller launches it: under
+`accelerate launch` with a DeepSpeed config, give the same JSON as --deepspeed (bench/gpu/run_all.sh's
+`ft_hf_trainer` step).
 
 Peers (`--peer`, default plain):
   plain       what a transformers user writes by hand: AutoModelForSequenceClassification, DataLoader(shuffle) +
@@ -216,6 +222,7 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
         train_sampling_strategy="group_by_length", seed=cfg.seed, data_seed=cfg.seed,
         eval_strategy="steps", eval_steps=cfg.train.eval_every or math.ceil(len(data["train"]) / (batch * world)),
         save_strategy="no", logging_steps=50, report_to="none", disable_tqdm=True,
+        bf16=cfg.model.precision == "bf16", fp16=cfg.model.precision == "fp16",  # the trainer's autocast
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         deepspeed=deepspeed)
@@ -233,9 +240,16 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
     class Timing(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             engine = trainer.model_wrapped  # what really runs: the DeepSpeed engine, DDP or the bare model
-            stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+            ds = hasattr(engine, "zero_optimization_stage")
+            stage = engine.zero_optimization_stage() if ds else 0
+            if ds:  # the precision and offload the engine runs, as the trainer's metrics record them
+                precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+                offload = "optimizer" if engine.zero_cpu_offload() else "none"
+            else:
+                precision, offload = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "none"
             windows.fields.update(engine=f"hf trainer ({type(engine).__name__})", world_size=args.world_size,
-                                  zero_stage=stage, optimizer=implementation(basic_optimizer(trainer.optimizer)))
+                                  zero_stage=stage, offload=offload, precision=precision,
+                                  optimizer=implementation(basic_optimizer(trainer.optimizer)))
             windows.mark()
 
         def on_step_end(self, args, state, control, **kw):
@@ -307,9 +321,32 @@ def run_peer(args, grid, cfg, out: Path) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def run_like(args) -> None:
+    """One peer run on a trainer run's resolved config; prints both speeds (rank 0)."""
+    from trainer.config import FinetuneConfig, load
+    like = Path(args.like)
+    if not (like / "config.yaml").is_file() or not (like / "metrics.jsonl").is_file():
+        sys.exit(f"error: --like {like}: not a finished trainer run (no config.yaml / metrics.jsonl)")
+    if not args.out:
+        sys.exit("error: --like needs --out DIR (the peer's output dir)")
+    cfg = load(FinetuneConfig, str(like / "config.yaml"), args.overrides)
+    out = Path(args.out)
+    if args.peer == "plain":
+        train_plain(cfg, args.padding, out)
+    else:
+        train_hf_trainer(cfg, out, args.deepspeed)
+    if (out / "metrics.jsonl").is_file():  # rank 0 wrote it
+        (a, _), (b, _) = speed(like, args.warmup_steps), speed(out, args.warmup_steps)
+        print(f"examples/s: trainer {a:.1f} ({like}) · {args.peer} {b:.1f} ({out}) · ratio {a / b:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", required=True, help="a grid config (stage finetune), e.g. bench/grids/trec_vs_peers.yaml")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--grid", help="a grid config (stage finetune), e.g. bench/grids/trec_vs_peers.yaml")
+    which.add_argument("--like", help="a finished trainer run dir: one peer run on its config.yaml (needs --out)")
+    ap.add_argument("--out", help="--like: the peer's output dir")
+    ap.add_argument("--deepspeed", help="--like, hf-trainer under accelerate launch: the launcher's DeepSpeed JSON")
     ap.add_argument("--peer", choices=("plain", "hf-trainer"), default="plain")
     ap.add_argument("--padding", choices=("longest", "max_length"), default="longest", help="the plain loop's")
     ap.add_argument("--with-grid", action="store_true", help="run the grid's points first (launch/grid.py)")
@@ -319,6 +356,8 @@ def main():
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value, as given to launch/grid.py")
     args = ap.parse_args()
+    if args.like:
+        return run_like(args)
     grid, cfgs = run_configs(args.grid, args.overrides)
     if args.rank_of:
         cfg = next(c for c in cfgs if c.seed == args.seed)

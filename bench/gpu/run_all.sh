@@ -2,7 +2,7 @@
 # The one prepared GPU script (issue 12 item 1, issue 9's GPU check): DeepSpeed on CUDA through the real trainer.
 # Run on the GPU machine through the device tool, after `bash bench/gpu/fetch_wheels.sh` here:
 #     run(command="bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=540)                # issue 9's checks
-#     run(command="SUITE=speed bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=540)    # issue 12's speed figures
+#     run(command="SUITE=speed bash bench/gpu/run_all.sh", carry=[".whl"], timeout_s=580)    # issues 12 and 20: speed
 # It installs the carried wheels (DeepSpeed and its needs) into /tmp/site, prints device / driver / versions, then:
 #   (a) recipe        the tiny recipe (configs/recipe/tiny.yaml, test_matrix's shortened stages), zero2.yaml, 1 process, bf16
 #   (b) bert_base_*   BERT-base-shaped MLM pre-training (768 × 12 layers, 12 heads, 3072 FFN, vocab 30522, seq 128,
@@ -12,7 +12,8 @@
 #   (d) $OUT/summary.md, rewritten after every step (a run cut short still leaves one)
 # Budget on one H100 (expected / hard cap per step; the caps also shrink to what the global deadline leaves):
 #   install + versions ~20 s / 60 s · recipe ~90 s / 150 s · each bert_base ~50 s / 100 s · exports ~30 s / 75 s
-#   → ~5 min expected; everything stops by TOTAL_BUDGET_S (default 450 s = 7.5 min) so timeout_s=540 is never hit.
+#   → ~5 min expected; everything stops by TOTAL_BUDGET_S (default 450 s = 7.5 min; SUITE=speed 490 s) so
+#   timeout_s=540 (speed: 580) is never hit.
 # A failing step is recorded in the summary and the next one runs. Files under $OUT (the device tool returns at
 # most 8): summary.md, env.txt, recipe.log, bert_base_zero2.log, bert_base_zero3.log, bert_base_single.log, exports.log.
 # Run dirs (checkpoints, 440 MB exports) live in $WORK (default /tmp/run_all_work), never under $OUT.
@@ -60,7 +61,7 @@ else
   HIDDEN=768 LAYERS=12 HEADS=12 FFN=3072
   SEQ=${SEQ:-128} STEPS=${STEPS:-60} MB=${MB:-128} LOG_EVERY=10
   RECIPE_PT_STEPS=30 RECIPE_FT_STEPS=12 RECIPE_LOG=5                     # tests/test_matrix.py test_recipe_cell
-  TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-450}
+  TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-$([[ ${SUITE:-checks} == speed ]] && echo 490 || echo 450)}
   CAP_RECIPE=150 CAP_TRAIN=100 CAP_EXPORTS=75
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}   # H100/H200: a DeepSpeed op JIT build (if any) for sm_90 only
 fi
@@ -225,15 +226,23 @@ PY
       text.max_len=512 text.head_tokens=128 "train.micro_batch_size=$F_MB" "train.max_steps=$F_STEPS" \
       "train.log_every=$SPEED_LOG" "train.eval_every=$F_STEPS" optim.lr=2e-5 "$@"
   }
-  large "$Y_ZERO2" large_zero2_s128 128 "$L_MB";      step large_zero2_s128 train "$Y_ZERO2.yaml ×1" 150 330 "$WORK/large_zero2_s128" "${CMD[@]}"
-  large "$Y_SINGLE" large_single_s128 128 "$L_MB";    step large_single_s128 train "$Y_SINGLE.yaml" 150 240 "$WORK/large_single_s128" "${CMD[@]}"
-  large "$Y_ZERO2" large_zero2_s512 512 "$L_MB512";   step large_zero2_s512 train "$Y_ZERO2.yaml ×1" 120 170 "$WORK/large_zero2_s512" "${CMD[@]}"
-  fine ft_grouped optim.layer_decay=1.0;             step ft_grouped finetune "$Y_ZERO2.yaml ×1" 60 120 "$WORK/ft_grouped" "${CMD[@]}"
+  large "$Y_ZERO2" large_zero2_s128 128 "$L_MB";      step large_zero2_s128 train "$Y_ZERO2.yaml ×1" 150 370 "$WORK/large_zero2_s128" "${CMD[@]}"
+  large "$Y_SINGLE" large_single_s128 128 "$L_MB";    step large_single_s128 train "$Y_SINGLE.yaml" 150 280 "$WORK/large_single_s128" "${CMD[@]}"
+  large "$Y_ZERO2" large_zero2_s512 512 "$L_MB512";   step large_zero2_s512 train "$Y_ZERO2.yaml ×1" 120 210 "$WORK/large_zero2_s512" "${CMD[@]}"
+  fine ft_grouped optim.layer_decay=1.0;             step ft_grouped finetune "$Y_ZERO2.yaml ×1" 60 160 "$WORK/ft_grouped" "${CMD[@]}"
   fine ft_unpadded optim.layer_decay=1.0 model.attn_implementation=unpadded model.config.attention_probs_dropout_prob=0
-  step ft_unpadded finetune "$Y_ZERO2.yaml ×1" 60 80 "$WORK/ft_unpadded" "${CMD[@]}"
-  step ft_hf_padded finetune "plain PyTorch loop" 60 40 "$WORK/ft_hf_padded" \
+  step ft_unpadded finetune "$Y_ZERO2.yaml ×1" 60 120 "$WORK/ft_unpadded" "${CMD[@]}"
+  step ft_hf_padded finetune "plain PyTorch loop" 60 80 "$WORK/ft_hf_padded" \
     "$PY" bench/gpu/hf_padded_loop.py --like "$WORK/ft_grouped" --out "$WORK/ft_hf_padded" --steps "$F_STEPS" \
     --log-every "$SPEED_LOG"
+  # issue 20: transformers' Trainer as a savvy user sets it up (train_sampling_strategy="group_by_length", fused
+  # AdamW, bf16) on ft_grouped's resolved config — same model shape, data, head+tail inputs, lr, batch, steps —
+  # under the same zero2 launcher and DeepSpeed JSON (bench/peers.py --like)
+  port=$(( port + 1 ))
+  step ft_hf_trainer finetune "HF Trainer, $Y_ZERO2.yaml ×1" 60 40 "$WORK/ft_hf_trainer" \
+    "$PY" -m accelerate.commands.launch --config_file "launch/accelerate/$Y_ZERO2.yaml" --num_processes 1 \
+    --main_process_port "$port" bench/peers.py --peer hf-trainer --like "$WORK/ft_grouped" \
+    --out "$WORK/ft_hf_trainer" --deepspeed ds_configs/zero2.json --warmup-steps "$SPEED_LOG"
   fine ft_groups_xi optim.layer_decay=0.95;          step ft_groups_xi finetune "$Y_ZERO2.yaml ×1" 60 60 "$WORK/ft_groups_xi" "${CMD[@]}"
   # issue 18: train.micro_batch_size=auto against real GPU memory — the probe tries 16 × F_MB, 8 ×, … on the
   # longest reviews and keeps the largest that fits (the job log's "micro-batch probe" lines; training lines record

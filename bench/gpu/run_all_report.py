@@ -148,6 +148,9 @@ SPEED_RATIOS = [  # (numerator step, denominator step, figure, what, goal)
     ("ft_grouped", "ft_hf_padded", "eps", "fine-tuning examples/s: trainer (length-grouped) ÷ HF-style padded loop",
      1.8),
     ("ft_unpadded", "ft_hf_padded", "eps", "fine-tuning examples/s: trainer unpadded ÷ HF-style padded loop", 1.8),
+    ("ft_grouped", "ft_hf_trainer", "eps", "fine-tuning examples/s: trainer (length-grouped) ÷ HF Trainer "
+     "(group_by_length), both ZeRO-2 bf16", 1.0),
+    ("ft_unpadded", "ft_hf_trainer", "eps", "fine-tuning examples/s: trainer unpadded ÷ HF Trainer (issue 20)", 1.3),
     ("ft_groups_xi", "ft_grouped", "eps", "ξ = 0.95 (a group per layer) ÷ one group, examples/s under ZeRO-2", 0.95),
 ]
 
@@ -217,7 +220,7 @@ def summary(work: Path, out: Path) -> None:
             details.append((f"exports of {s['name']}", "\n".join(f"- `{k}`: {v}" for k, v in ex["checks"].items())))
     ratios = _speed_ratios(work, steps)
     if ratios:
-        lines += ["", "Ratios (issue 12 goals):"] + [f"- {r}" for r in ratios]
+        lines += ["", "Ratios (issue 12 and 20 goals):"] + [f"- {r}" for r in ratios]
     notes = [s for s in steps if s.get("note")]
     if notes:
         lines += ["", "Notes:"] + [f"- {s['name']}: {s['note']}" for s in notes]
