@@ -2,12 +2,12 @@
 the grid's finished points and the baselines' runs.
 
     python bench/peers.py --grid bench/grids/<name>.yaml [--peer plain|hf-trainer] [--with-grid] [key=value ...]
-    python bench/peers.py --like RUN_DIR --out DIR [--peer ...] [--deepspeed JSON] [key=value ...]
+    python bench/peers.py --like RUN_DIR --out DIR [--peer ...] [key=value ...]
 
 `--like`: one peer run on the resolved config of a finished trainer run (`RUN_DIR/config.yaml`, overrides
-applied on top), written to --out, then both speeds and their ratio. The caller launches it: under
-`accelerate launch` with a DeepSpeed config, give the same JSON as --deepspeed (bench/gpu/run_all.sh's
-`ft_hf_trainer` step).
+applied on top), written to --out, then both speeds and their ratio. The caller launches it; under
+`accelerate launch` with a DeepSpeed config the HF side runs the JSON that config names (accelerate exports it
+to every rank) — bench/gpu/run_all.sh's `ft_hf_trainer` step.
 
 Peers (`--peer`, default plain):
   plain       what a transformers user writes by hand: AutoModelForSequenceClassification, DataLoader(shuffle) +
@@ -242,11 +242,10 @@ def train_hf_trainer(cfg, out: Path, deepspeed: str | None) -> None:
             engine = trainer.model_wrapped  # what really runs: the DeepSpeed engine, DDP or the bare model
             ds = hasattr(engine, "zero_optimization_stage")
             stage = engine.zero_optimization_stage() if ds else 0
-            if ds:  # the precision and offload the engine runs, as the trainer's metrics record them
-                precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
-                offload = "optimizer" if engine.zero_cpu_offload() else "none"
-            else:
-                precision, offload = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "none"
+            # the precision and offload that run (DeepSpeed's own, else the arguments'), as the trainer records them
+            bf16, fp16 = (engine.bfloat16_enabled(), engine.fp16_enabled()) if ds else (args.bf16, args.fp16)
+            precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+            offload = "optimizer" if ds and engine.zero_cpu_offload() else "none"
             windows.fields.update(engine=f"hf trainer ({type(engine).__name__})", world_size=args.world_size,
                                   zero_stage=stage, offload=offload, precision=precision,
                                   optimizer=implementation(basic_optimizer(trainer.optimizer)))
@@ -298,12 +297,13 @@ def speed(run: Path, warmup: int) -> tuple[float, float]:
     return (samples / secs, tokens / secs) if secs else (float("nan"), float("nan"))
 
 
-def launched_deepspeed_json(grid) -> str | None:
-    """The DeepSpeed JSON the grid's accelerate config names (its deepspeed_config_file), or None for DDP."""
-    import yaml
-    from trainer.grid import launcher_path
-    ds = (yaml.safe_load(launcher_path(grid).read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
-    return str(REPO / ds) if ds and not Path(ds).is_absolute() else ds
+def launched_deepspeed_json() -> str | None:
+    """Under `accelerate launch` with a DeepSpeed config: the JSON it names (accelerate exports it to every rank as
+    ACCELERATE_DEEPSPEED_CONFIG_FILE); None for DDP, one process, or a DeepSpeed config without a JSON file."""
+    ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true" or not ds:
+        return None
+    return str(REPO / ds) if not Path(ds).is_absolute() else ds
 
 
 def run_peer(args, grid, cfg, out: Path) -> None:
@@ -334,7 +334,7 @@ def run_like(args) -> None:
     if args.peer == "plain":
         train_plain(cfg, args.padding, out)
     else:
-        train_hf_trainer(cfg, out, args.deepspeed)
+        train_hf_trainer(cfg, out, launched_deepspeed_json())
     if (out / "metrics.jsonl").is_file():  # rank 0 wrote it
         (a, _), (b, _) = speed(like, args.warmup_steps), speed(out, args.warmup_steps)
         print(f"examples/s: trainer {a:.1f} ({like}) · {args.peer} {b:.1f} ({out}) · ratio {a / b:.2f}")
@@ -346,7 +346,6 @@ def main():
     which.add_argument("--grid", help="a grid config (stage finetune), e.g. bench/grids/trec_vs_peers.yaml")
     which.add_argument("--like", help="a finished trainer run dir: one peer run on its config.yaml (needs --out)")
     ap.add_argument("--out", help="--like: the peer's output dir")
-    ap.add_argument("--deepspeed", help="--like, hf-trainer under accelerate launch: the launcher's DeepSpeed JSON")
     ap.add_argument("--peer", choices=("plain", "hf-trainer"), default="plain")
     ap.add_argument("--padding", choices=("longest", "max_length"), default="longest", help="the plain loop's")
     ap.add_argument("--with-grid", action="store_true", help="run the grid's points first (launch/grid.py)")
@@ -361,7 +360,7 @@ def main():
     grid, cfgs = run_configs(args.grid, args.overrides)
     if args.rank_of:
         cfg = next(c for c in cfgs if c.seed == args.seed)
-        return train_hf_trainer(cfg, Path(args.rank_of), launched_deepspeed_json(grid))
+        return train_hf_trainer(cfg, Path(args.rank_of), launched_deepspeed_json())
     if args.with_grid and not args.report_only:
         import subprocess
         subprocess.run([sys.executable, "-m", "trainer.entry.grid", "--config", args.grid, *args.overrides],

@@ -242,7 +242,7 @@ PY
   step ft_hf_trainer finetune "HF Trainer, $Y_ZERO2.yaml ×1" 60 40 "$WORK/ft_hf_trainer" \
     "$PY" -m accelerate.commands.launch --config_file "launch/accelerate/$Y_ZERO2.yaml" --num_processes 1 \
     --main_process_port "$port" bench/peers.py --peer hf-trainer --like "$WORK/ft_grouped" \
-    --out "$WORK/ft_hf_trainer" --deepspeed ds_configs/zero2.json --warmup-steps "$SPEED_LOG"
+    --out "$WORK/ft_hf_trainer" --warmup-steps "$SPEED_LOG"
   fine ft_groups_xi optim.layer_decay=0.95;          step ft_groups_xi finetune "$Y_ZERO2.yaml ×1" 60 60 "$WORK/ft_groups_xi" "${CMD[@]}"
   # issue 18: train.micro_batch_size=auto against real GPU memory — the probe tries 16 × F_MB, 8 ×, … on the
   # longest reviews and keeps the largest that fits (the job log's "micro-batch probe" lines; training lines record
